@@ -1,0 +1,166 @@
+"""Save and load SNNs and calibrations as self-describing safetensors files (spec: docs/format.md)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import FormatError, PconvError
+from .fileio import atomic_write
+from .format import CALIBRATION_TENSORS, FORMAT_NAME, FORMAT_VERSION, NEURON_TENSORS, Header, read_header
+from .models import ModelSource, load_weights
+from .neurons import NEURONS
+from .pipeline import Calibration, SiteParams, build_snn
+from .sites import Site
+from .snn import ConversionInfo, SpikingNetwork, info_to_json
+from .version import __version__
+
+
+def _base_metadata(kind: str) -> dict[str, str]:
+    return {
+        "pconv.format": FORMAT_NAME,
+        "pconv.format_version": str(FORMAT_VERSION),
+        "pconv.kind": kind,
+        "pconv.version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _portable(t: Tensor) -> Tensor:
+    # safetensors wants contiguous CPU tensors that share no memory.
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def _require_source(source: ModelSource | None) -> ModelSource:
+    if source is None:
+        raise PconvError("the SNN does not say how to rebuild its architecture",
+                         "build the model with pconv.create_model, or pass source=ModelSource(...)")
+    if source.kind == "factory":
+        module = source.name.partition(":")[0]
+        if module == "__main__" or "<locals>" in source.name:
+            raise PconvError(f"factory {source.name!r} cannot be imported by another process",
+                             "define the factory in an importable module")
+    return source
+
+
+def save(snn: SpikingNetwork, path: str | Path, force: bool = False) -> Path:
+    """Write `snn` to one safetensors file (atomically). Refuses to overwrite without `force`."""
+    info = snn.info
+    _require_source(info.source)
+    site_names = {s.name for s in info.sites}
+    tensors: dict[str, Tensor] = {}
+    for key, value in snn.net.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in site_names:
+            continue
+        tensors[f"weights.{key}"] = _portable(value)
+    for name, neuron in snn.neurons().items():
+        for leaf in NEURON_TENSORS:
+            tensors[f"neurons.{name}.{leaf}"] = _portable(getattr(neuron, leaf))
+    metadata = {**_base_metadata("snn"), **info_to_json(info)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), force)
+
+
+def _load_tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FormatError(f"cannot read tensors of {str(path)!r}: {e}", "the file is corrupt or truncated") from None
+
+
+def _sites(header: Header) -> list[Site]:
+    try:
+        return [Site.from_dict(d) for d in header.json("sites")]
+    except TypeError:
+        raise FormatError("the site list in the metadata is malformed", "the file is corrupt") from None
+
+
+def _check_shapes(tensors: dict[str, Tensor], sites: list[Site], prefix: str, leaves: tuple[str, ...]) -> None:
+    for site in sites:
+        for leaf in leaves:
+            key = f"{prefix}{site.name}.{leaf}"
+            if key not in tensors:
+                raise FormatError(f"tensor {key!r} is missing", "the file's tensors do not match its metadata")
+            if tuple(tensors[key].shape) != (site.channels,):
+                raise FormatError(f"tensor {key!r} has shape {tuple(tensors[key].shape)}, the metadata says "
+                                  f"({site.channels},)", "the file's tensors do not match its metadata")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> SpikingNetwork:
+    """Rebuild a saved SNN offline; its outputs equal the saved network's exactly."""
+    path = Path(path)
+    header = read_header(path)
+    if header.kind != "snn":
+        raise FormatError(f"{str(path)!r} is a {header.kind} file, not an SNN",
+                          "convert it first: pconv convert MODEL --calib FILE -T 8 -o snn.safetensors")
+    meta = header.metadata
+    sites = _sites(header)
+    source = ModelSource.from_json(meta["model"])
+    neuron = meta["neuron"]
+    NEURONS.get(neuron)
+    tensors = _load_tensors(path)
+    _check_shapes(tensors, sites, "neurons.", NEURON_TENSORS)
+    weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
+    model = source.build().eval()
+    load_weights(model, weights, f"the weights in {str(path)!r}")
+    model.pconv_source = source
+    model.to(device)
+    T = int(meta["time_steps"])
+    # The file stores neuron parameters; pass them through a calibration whose shifts reproduce them.
+    calibration = Calibration(sites, meta["threshold"], meta["calibration"], {T: {}}, {}, source,
+                              header.json("data_config"), header.json("provenance"))
+    for site in sites:
+        calibration.params[T][site.name] = SiteParams(*(torch.zeros(site.channels),) * 3)
+    snn = build_snn(model, calibration, T, neuron)
+    for name, module in snn.neurons().items():
+        for leaf in NEURON_TENSORS:
+            getattr(module, leaf).copy_(tensors[f"neurons.{name}.{leaf}"])
+    return snn
+
+
+def save_calibration(calibration: Calibration, path: str | Path, force: bool = False) -> Path:
+    """Write thresholds and DA shifts for every T, plus channel maxima, atomically."""
+    tensors: dict[str, Tensor] = {}
+    for T, params in calibration.params.items():
+        for name, p in params.items():
+            for leaf in CALIBRATION_TENSORS:
+                tensors[f"T{T}.{name}.{leaf}"] = _portable(getattr(p, leaf))
+    for name, value in calibration.channel_max.items():
+        tensors[f"stats.{name}.max"] = _portable(value)
+    metadata = {
+        **_base_metadata("calibration"),
+        "time_steps": json.dumps(calibration.time_steps),
+        "threshold": calibration.threshold,
+        "calibration": calibration.method,
+        "sites": json.dumps([s.to_dict() for s in calibration.sites]),
+        "model": calibration.source.to_json() if calibration.source else "",
+        "data_config": json.dumps(calibration.data_config, sort_keys=True),
+        "provenance": json.dumps(calibration.provenance, sort_keys=True),
+    }
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), force)
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    path = Path(path)
+    header = read_header(path)
+    if header.kind != "calibration":
+        raise FormatError(f"{str(path)!r} is an {header.kind} file, not a calibration",
+                          "pass a file written by `pconv calibrate`")
+    sites = _sites(header)
+    tensors = _load_tensors(path)
+    params: dict[int, dict[str, SiteParams]] = {}
+    for T in header.json("time_steps"):
+        _check_shapes(tensors, sites, f"T{T}.", CALIBRATION_TENSORS)
+        params[int(T)] = {s.name: SiteParams(*(tensors[f"T{T}.{s.name}.{leaf}"] for leaf in CALIBRATION_TENSORS))
+                          for s in sites}
+    meta = header.metadata
+    source = ModelSource.from_json(meta["model"]) if meta.get("model") else None
+    channel_max = {s.name: tensors[f"stats.{s.name}.max"] for s in sites if f"stats.{s.name}.max" in tensors}
+    return Calibration(sites, meta["threshold"], meta["calibration"], params, channel_max, source,
+                       header.json("data_config"), header.json("provenance"))

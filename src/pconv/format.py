@@ -1,0 +1,79 @@
+"""The pconv file format (see docs/format.md): one safetensors file, str->str metadata, flat tensor names.
+
+kind "snn":         weights.<state-dict key>, neurons.<site>.{theta_in,bias,theta_out}
+kind "calibration": T<t>.<site>.{theta,delta_in,delta_out}, stats.<site>.max
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import FormatError
+
+FORMAT_NAME = "pconv"
+FORMAT_VERSION = 1
+KINDS = ("snn", "calibration")
+NEURON_TENSORS = ("theta_in", "bias", "theta_out")
+CALIBRATION_TENSORS = ("theta", "delta_in", "delta_out")
+#: A safetensors header larger than this is not one pconv wrote.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a pconv file says about itself, read without loading tensors."""
+
+    metadata: dict[str, str]
+    tensors: dict[str, dict[str, Any]]  # name -> {"dtype", "shape", "data_offsets"}
+    file_size: int
+
+    @property
+    def kind(self) -> str:
+        return self.metadata["pconv.kind"]
+
+    def json(self, key: str) -> Any:
+        try:
+            return json.loads(self.metadata[key])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise FormatError(f"metadata key {key!r} is missing or not JSON ({e})", "the file is corrupt") from None
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse the safetensors header of a pconv file; checks size, format name and version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{str(path)!r} does not exist", "check the path")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise FormatError(f"{str(path)!r} is too short to be a safetensors file", "the file is truncated")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise FormatError(f"{str(path)!r} has a header of {n} bytes in a {size}-byte file",
+                              "the file is truncated or not a safetensors file")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise FormatError(f"{str(path)!r} has an unreadable header", "the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{str(path)!r} has an unreadable header", "the file is corrupt")
+    metadata = header.pop("__metadata__", None) or {}
+    if metadata.get("pconv.format") != FORMAT_NAME:
+        raise FormatError(f"{str(path)!r} is a safetensors file but not a pconv file",
+                          "pass a file written by `pconv convert` or `pconv calibrate`")
+    version = metadata.get("pconv.format_version", "")
+    if version != str(FORMAT_VERSION):
+        raise FormatError(f"{str(path)!r} has format version {version!r}; this pconv reads version {FORMAT_VERSION}",
+                          "upgrade pconv, or re-export the file with this version")
+    if metadata.get("pconv.kind") not in KINDS:
+        raise FormatError(f"{str(path)!r} has unknown kind {metadata.get('pconv.kind')!r}", "the file is corrupt")
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end != size:
+        raise FormatError(f"{str(path)!r} should be {8 + n + end} bytes but is {size}",
+                          "the file is truncated or corrupt")
+    return Header(metadata, header, size)

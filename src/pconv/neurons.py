@@ -1,0 +1,109 @@
+"""Spiking neurons. Each carries per-channel theta_in, bias b and theta_out, and knows T.
+
+Spike domain: the input is [T*B, ...] (step-major); the output is the T spike maps, same layout.
+Count domain: the input is the time-mean [B, ...]; the output is the time-mean theta_out*k/T.
+"""
+
+from __future__ import annotations
+
+from typing import Type
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as PF
+from .errors import ConfigError
+from .registry import Registry
+from .sites import Site
+
+NEURONS: Registry[Type["SpikingNeuron"]] = Registry("neuron")
+ENGINES = ("counts", "spikes")
+
+
+class SpikingNeuron(nn.Module):
+    """Shared parameters and layout helpers; subclasses define the dynamics."""
+
+    #: Engines the neuron can run in.
+    engines: tuple[str, ...] = ENGINES
+    type_name = ""
+
+    def __init__(self, theta_in: Tensor, bias: Tensor, theta_out: Tensor, time_steps: int, site: Site):
+        super().__init__()
+        self.site = site
+        self.time_steps = int(time_steps)
+        self.register_buffer("theta_in", theta_in.detach().clone())
+        self.register_buffer("bias", bias.detach().clone())
+        self.register_buffer("theta_out", theta_out.detach().clone())
+        self.engine = "counts" if "counts" in self.engines else "spikes"
+        #: When set, called with the spike counts k of every forward (firing-rate statistics).
+        self.count_hook = None
+
+    def set_engine(self, engine: str) -> None:
+        if engine not in self.engines:
+            raise ConfigError(f"the {self.type_name} neuron cannot run in the {engine!r} engine",
+                              f"use one of: {', '.join(self.engines)}")
+        self.engine = engine
+
+    def steps_view(self, x: Tensor) -> Tensor:
+        """[T*B, ...] -> [T, B, ...]."""
+        return x.view(self.time_steps, x.shape[0] // self.time_steps, *x.shape[1:])
+
+    def extra_repr(self) -> str:
+        return f"channels={self.theta_in.numel()}, T={self.time_steps}, engine={self.engine}"
+
+
+@NEURONS.register("parallel")
+class ParallelIF(SpikingNeuron):
+    """Parallel IF neuron: spikes at steps 1..k, k = clamp(floor((T*mean(x) + b)/theta_in), 0, T)."""
+
+    type_name = "parallel"
+
+    def forward(self, x: Tensor) -> Tensor:
+        T = self.time_steps
+        if self.engine == "counts":
+            k = PF.spike_count(x, self.theta_in, self.bias, T)
+            if self.count_hook is not None:
+                self.count_hook(k)
+            return PF.count_output(k, self.theta_out, T)
+        x_mean = self.steps_view(x).mean(dim=0)
+        k = PF.spike_count(x_mean, self.theta_in, self.bias, T)
+        if self.count_hook is not None:
+            self.count_hook(k)
+        steps = torch.arange(1, T + 1, device=x.device, dtype=x.dtype).view(T, *([1] * k.dim()))
+        spikes = (steps <= k.unsqueeze(0)).to(x.dtype) * PF.per_channel(self.theta_out, k).unsqueeze(0)
+        return spikes.reshape(x.shape)
+
+
+@NEURONS.register("serial")
+class SerialIF(SpikingNeuron):
+    """Classic IF neuron, one step after another: v_0 = b, v += x_t, spike when v >= theta_in,
+    reset by subtraction. Equal to the parallel neuron on time-constant input."""
+
+    type_name = "serial"
+    engines = ("spikes",)
+
+    def forward(self, x: Tensor) -> Tensor:
+        steps = self.steps_view(x)
+        theta_in = PF.per_channel(self.theta_in, steps[0])
+        theta_out = PF.per_channel(self.theta_out, steps[0])
+        v = PF.per_channel(self.bias, steps[0]).expand_as(steps[0]).clone()
+        out = torch.empty_like(steps)
+        count = torch.zeros_like(steps[0]) if self.count_hook is not None else None
+        for t in range(self.time_steps):
+            v = v + steps[t]
+            fired = (v >= theta_in).to(x.dtype)
+            v = v - fired * theta_in
+            out[t] = fired * theta_out
+            if count is not None:
+                count += fired
+        if count is not None:
+            self.count_hook(count)
+        return out.view(x.shape)
+
+
+def make_neuron(kind: str, theta: Tensor, delta_in: Tensor, delta_out: Tensor, time_steps: int,
+                site: Site) -> SpikingNeuron:
+    """A neuron of the registered `kind` from QCFS threshold and DA shifts (DESIGN §2)."""
+    cls = NEURONS.get(kind)
+    theta_in, bias, theta_out = PF.neuron_params(theta, delta_in, delta_out, time_steps)
+    return cls(theta_in, bias, theta_out, time_steps, site)

@@ -1,0 +1,204 @@
+"""The conversion pipeline: locate sites -> record -> thresholds -> quantize -> calibrate -> spike.
+
+Each stage lives in its own module; this one only runs them in order.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .calibrate import CALIBRATIONS, calibration_passes
+from .errors import ConfigError, DataError
+from .models import ModelSource, source_of
+from .neurons import NEURONS, make_neuron
+from .progress import NoProgress, Progress
+from .quantize import quantize
+from .record import DEFAULT_BINS, record_activations
+from .sites import Site, find_sites
+from .snn import ConversionInfo, SpikingNetwork
+from .swap import swap_by_name
+from .thresholds import ThresholdSpec
+
+#: Largest T accepted: beyond this the point of few-step conversion is lost and the spike engine explodes.
+MAX_TIME_STEPS = 4096
+
+DEFAULT_THRESHOLD = "max"
+DEFAULT_CALIBRATION = "da"
+
+
+def check_time_steps(time_steps: Any) -> int:
+    if isinstance(time_steps, bool) or not isinstance(time_steps, int):
+        raise ConfigError(f"T must be an integer, got {time_steps!r}", "for example T=8")
+    if not 1 <= time_steps <= MAX_TIME_STEPS:
+        raise ConfigError(f"T must be between 1 and {MAX_TIME_STEPS}, got {time_steps}", "typical values are 4 to 32")
+    return time_steps
+
+
+@dataclass
+class SiteParams:
+    theta: Tensor
+    delta_in: Tensor
+    delta_out: Tensor
+
+
+@dataclass
+class Calibration:
+    """Thresholds and DA shifts for every site, for one or more T: `convert` needs no data given this."""
+
+    sites: list[Site]
+    threshold: str
+    method: str
+    params: dict[int, dict[str, SiteParams]]
+    channel_max: dict[str, Tensor]
+    source: ModelSource | None = None
+    data_config: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def time_steps(self) -> list[int]:
+        return sorted(self.params)
+
+
+def as_batches(data: Tensor | Iterable, num_images: int | None = None) -> list[Tensor]:
+    """Calibration images as a list of [B, ...] tensors; labels, if any, are dropped."""
+    if isinstance(data, Tensor):
+        data = [data]
+    batches: list[Tensor] = []
+    seen = 0
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, Tensor):
+            raise DataError(f"calibration batches must be tensors or (x, y) pairs, got {type(x).__name__}",
+                            "pass a DataLoader or a list of image tensors")
+        if num_images is not None and seen + x.shape[0] > num_images:
+            x = x[: num_images - seen]
+        if x.shape[0]:
+            batches.append(x)
+            seen += x.shape[0]
+        if num_images is not None and seen >= num_images:
+            break
+    if not batches:
+        raise DataError("no calibration images", "pass at least one batch of images")
+    if num_images is not None and seen < num_images:
+        raise DataError(f"asked for {num_images} calibration images but only {seen} are available",
+                        "lower --num-images or add images")
+    return batches
+
+
+def data_config_of(model: nn.Module) -> dict[str, Any]:
+    from timm.data import resolve_data_config
+
+    try:
+        cfg = resolve_data_config(model=model)
+    except Exception:
+        return {}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def calibrate(
+    model: nn.Module,
+    data: Tensor | Iterable,
+    time_steps: int | Sequence[int] = 8,
+    threshold: str | ThresholdSpec = DEFAULT_THRESHOLD,
+    method: str = DEFAULT_CALIBRATION,
+    num_images: int | None = None,
+    bins: int = DEFAULT_BINS,
+    progress: Progress | None = None,
+) -> Calibration:
+    """Record thresholds and calibrate the distribution error for each T (labels are never used)."""
+    steps = [time_steps] if isinstance(time_steps, int) else list(time_steps)
+    if not steps:
+        raise ConfigError("no T given", "for example time_steps=[4, 8, 16]")
+    steps = sorted({check_time_steps(t) for t in steps})
+    spec = ThresholdSpec.parse(threshold)
+    calibrator = CALIBRATIONS.get(method)
+    progress = progress or NoProgress()
+    batches = as_batches(data, num_images)
+    work = copy.deepcopy(model).eval()
+    device = next(work.parameters()).device
+
+    started = time.perf_counter()
+    sites = find_sites(work, batches[0][:1].to(device))
+    passes = 2 if spec.needs_histogram else 1
+    stats = record_activations(work, sites, batches, histograms=spec.needs_histogram, bins=bins,
+                               progress=progress.stage("recording thresholds", passes * len(batches)))
+    params: dict[int, dict[str, SiteParams]] = {}
+    for T in steps:
+        thetas = {s.name: spec.compute(stats[s.name], T) for s in sites}
+        qnet = copy.deepcopy(work)
+        modules = quantize(qnet, sites, thetas, T)
+        total = calibration_passes(method, len(sites)) * len(batches)
+        calibrator(qnet, modules, batches, progress.stage(f"calibrating T={T}", total) if total else None)
+        params[T] = {name: SiteParams(m.theta.cpu(), m.delta_in.cpu(), m.delta_out.cpu())
+                     for name, m in modules.items()}
+    provenance = {
+        "num_images": sum(x.shape[0] for x in batches),
+        "calibration_seconds": round(time.perf_counter() - started, 3),
+        "torch_version": torch.__version__,
+    }
+    return Calibration(sites, str(spec), method, params, {n: s.max.cpu() for n, s in stats.items()},
+                       source_of(model), data_config_of(model), provenance)
+
+
+def build_snn(model: nn.Module, calibration: Calibration, time_steps: int, neuron: str = "parallel") -> SpikingNetwork:
+    """Swap every site of a copy of `model` for a neuron with the calibrated parameters at T."""
+    time_steps = check_time_steps(time_steps)
+    NEURONS.get(neuron)
+    if time_steps not in calibration.params:
+        raise ConfigError(f"the calibration holds no parameters for T={time_steps}",
+                          f"it has T = {', '.join(map(str, calibration.time_steps))}; recalibrate with this T")
+    net = copy.deepcopy(model).eval()
+    device = next(net.parameters()).device
+    params = calibration.params[time_steps]
+    by_name = {s.name: s for s in calibration.sites}
+
+    def make(module: nn.Module, name: str) -> nn.Module:
+        p = params[name]
+        return make_neuron(neuron, p.theta.to(device), p.delta_in.to(device), p.delta_out.to(device),
+                           time_steps, by_name[name])
+
+    swapped = swap_by_name(net, {s.name: make for s in calibration.sites})
+    if len(swapped) != len(calibration.sites):
+        missing = sorted(set(by_name) - set(swapped))
+        raise ConfigError(f"the calibration names sites the model does not have (e.g. {missing[0]})",
+                          "use the calibration made for this model")
+    info = ConversionInfo(
+        time_steps=time_steps, neuron=neuron, sites=list(calibration.sites), threshold=calibration.threshold,
+        calibration=calibration.method, source=calibration.source, data_config=dict(calibration.data_config),
+        provenance=dict(calibration.provenance),
+    )
+    return SpikingNetwork(net, info).eval()
+
+
+def convert(
+    model: nn.Module,
+    calib: Calibration | Tensor | Iterable,
+    time_steps: int = 8,
+    *,
+    threshold: str | ThresholdSpec = DEFAULT_THRESHOLD,
+    calibration: str = DEFAULT_CALIBRATION,
+    neuron: str = "parallel",
+    num_images: int | None = None,
+    bins: int = DEFAULT_BINS,
+    source: ModelSource | None = None,
+    progress: Progress | None = None,
+) -> SpikingNetwork:
+    """Convert a ReLU/ReLU6 classifier into a parallel-spiking SNN with T time steps.
+
+    `calib` is either calibration batches (tensors or (x, y) pairs; labels unused) or a `Calibration`
+    made earlier by `calibrate`. The returned SNN maps [B, ...] to the time-mean output [B, classes].
+    """
+    time_steps = check_time_steps(time_steps)
+    NEURONS.get(neuron)
+    if not isinstance(calib, Calibration):
+        calib = calibrate(model, calib, [time_steps], threshold, calibration, num_images, bins, progress)
+    snn = build_snn(model, calib, time_steps, neuron)
+    if source is not None:
+        snn.info.source = source
+    return snn

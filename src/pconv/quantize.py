@@ -1,0 +1,60 @@
+"""Replace each activation site by DA-QCFS with L levels (the count-domain twin of the SNN)."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as PF
+from .sites import Site
+from .swap import swap_by_name
+
+
+class QCFS(nn.Module):
+    """Per-channel DA-QCFS activation.
+
+    mode "quant": (theta+delta_out)/L * clamp(floor(L*(x+delta_in)/theta + 1/2), 0, L)
+    mode "clip":  clamp(x, 0, theta), the full-precision reference that calibration aims at.
+    A `tap` callback, when set, sees (input, output) of every call; calibration uses it.
+    """
+
+    def __init__(self, theta: Tensor, levels: int, site: Site):
+        super().__init__()
+        self.site = site
+        self.levels = int(levels)
+        self.register_buffer("theta", theta.detach().clone().float())
+        self.register_buffer("delta_in", torch.zeros_like(self.theta))
+        self.register_buffer("delta_out", torch.zeros_like(self.theta))
+        self.mode = "quant"
+        self.tap: Callable[[Tensor, Tensor], None] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "clip":
+            y = torch.minimum(x.clamp_min(0), PF.per_channel(self.theta, x))
+        else:
+            y = PF.qcfs(x, self.theta, self.delta_in, self.delta_out, self.levels)
+        if self.tap is not None:
+            self.tap(x, y)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"channels={self.theta.numel()}, L={self.levels}, mode={self.mode}"
+
+
+def quantize(model: nn.Module, sites: Sequence[Site], thetas: Mapping[str, Tensor], levels: int) -> dict[str, QCFS]:
+    """Swap every site of `model` (in place) for QCFS with its threshold; returns the new modules."""
+    modules: dict[str, QCFS] = {}
+    by_name = {s.name: s for s in sites}
+
+    def make(module: nn.Module, name: str) -> QCFS:
+        site = by_name[name]
+        theta = thetas[name].to(next(model.parameters()).device)
+        if site.cap is not None:
+            theta = theta.clamp(max=site.cap)
+        modules[name] = QCFS(theta, levels, site)
+        return modules[name]
+
+    swap_by_name(model, {s.name: make for s in sites})
+    return modules

@@ -1,0 +1,118 @@
+"""The converted network: the source architecture with spiking neurons at every activation site."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .models import ModelSource
+from .neurons import ENGINES, NEURONS, SpikingNeuron
+from .sites import ACTIVATIONS, Site
+from .swap import swap_by_name
+
+_ACTIVATION_TYPES = {kind: cls for cls, (kind, _) in ACTIVATIONS.items()}
+
+
+@dataclass
+class ConversionInfo:
+    """What the SNN is and how it was made; serialised into the exported file."""
+
+    time_steps: int
+    neuron: str
+    sites: list[Site]
+    threshold: str = "max"
+    calibration: str = "da"
+    source: ModelSource | None = None
+    data_config: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+class SpikingNetwork(nn.Module):
+    """Calling it on [B, ...] returns the time-mean of its T-step output, [B, classes].
+
+    engine "counts": each neuron emits its time-mean (cost independent of T);
+    engine "spikes": T*B samples flow through every layer (per-step outputs available).
+    """
+
+    def __init__(self, net: nn.Module, info: ConversionInfo):
+        super().__init__()
+        self.net = net
+        self.info = info
+        kinds = {type(m).type_name for m in self.neurons().values()}
+        self._engine = "counts" if all("counts" in NEURONS.get(k).engines for k in kinds) else "spikes"
+        self.set_engine(self._engine)
+
+    @property
+    def time_steps(self) -> int:
+        return self.info.time_steps
+
+    @property
+    def engine(self) -> str:
+        return self._engine
+
+    def set_engine(self, engine: str) -> "SpikingNetwork":
+        if engine not in ENGINES:
+            raise ConfigError(f"unknown engine {engine!r}", f"use one of: {', '.join(ENGINES)}")
+        for neuron in self.neurons().values():
+            neuron.set_engine(engine)
+        self._engine = engine
+        return self
+
+    def neurons(self) -> dict[str, SpikingNeuron]:
+        return {s.name: self.net.get_submodule(s.name) for s in self.info.sites}
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._engine == "counts":
+            return self.net(x)
+        return self.forward_steps(x).mean(dim=0)
+
+    def forward_steps(self, x: Tensor) -> Tensor:
+        """Per-step outputs [T, B, ...] (spike engine only): the image is presented at every step."""
+        if self._engine != "spikes":
+            raise ConfigError("per-step outputs need the spike-domain engine", "call snn.set_engine('spikes')")
+        T, B = self.time_steps, x.shape[0]
+        repeated = x.unsqueeze(0).expand(T, *x.shape).reshape(T * B, *x.shape[1:])
+        out = self.net(repeated)
+        return out.view(T, B, *out.shape[1:])
+
+    def to_ann(self) -> nn.Module:
+        """A copy of the source ANN: the same weights with the original activations back."""
+        ann = copy.deepcopy(self.net)
+        swap_by_name(ann, {s.name: (lambda m, n, s=s: _ACTIVATION_TYPES[s.activation]()) for s in self.info.sites})
+        return ann.eval()
+
+    def with_neuron(self, kind: str) -> "SpikingNetwork":
+        """The same SNN (same parameters, same T) with another neuron type, e.g. the serial baseline."""
+        cls = NEURONS.get(kind)
+        net = copy.deepcopy(self.net)
+
+        def rebuild(old: SpikingNeuron, name: str) -> SpikingNeuron:
+            return cls(old.theta_in, old.bias, old.theta_out, old.time_steps, old.site)
+
+        swap_by_name(net, {s.name: rebuild for s in self.info.sites})
+        info = copy.copy(self.info)
+        info.neuron = kind
+        return SpikingNetwork(net, info).eval()
+
+    def extra_repr(self) -> str:
+        return f"T={self.time_steps}, neuron={self.info.neuron}, engine={self._engine}, sites={len(self.info.sites)}"
+
+
+def info_to_json(info: ConversionInfo) -> dict[str, str]:
+    """str -> str metadata (safetensors headers hold strings only)."""
+    return {
+        "time_steps": str(info.time_steps),
+        "neuron": info.neuron,
+        "threshold": info.threshold,
+        "calibration": info.calibration,
+        "sites": json.dumps([s.to_dict() for s in info.sites]),
+        "data_config": json.dumps(info.data_config, sort_keys=True),
+        "provenance": json.dumps(info.provenance, sort_keys=True),
+        "model": info.source.to_json() if info.source else "",
+    }
