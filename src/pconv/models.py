@@ -157,3 +157,14 @@ def create_model(spec: str | ModelSource, checkpoint: str | Path | None = None,
         load_weights(model, read_state_dict(checkpoint), f"checkpoint {str(checkpoint)!r}")
     model.pconv_source = source
     return model.eval()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's state dict (names, dtypes, shapes, values): tells calibrations of other weights apart."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
