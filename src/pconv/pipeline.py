@@ -6,6 +6,7 @@ Each stage lives in its own module; this one only runs them in order.
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -65,6 +66,26 @@ class Calibration:
         return sorted(self.params)
 
 
+def _images(item: Any) -> Tensor:
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    if not isinstance(x, Tensor):
+        raise DataError(f"calibration batches must be tensors or (x, y) pairs, got {type(x).__name__}",
+                        "pass a DataLoader or a list of image tensors")
+    return x
+
+
+def first_batch(data: Tensor | Iterable) -> tuple[Tensor, Iterable]:
+    """The first batch of images (for the refusal probe) and an iterable that still yields all of them."""
+    if isinstance(data, Tensor):
+        return data, [data]
+    iterator = iter(data)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise DataError("no calibration images", "pass at least one batch of images") from None
+    return _images(first), itertools.chain([first], iterator)
+
+
 def as_batches(data: Tensor | Iterable, num_images: int | None = None) -> list[Tensor]:
     """Calibration images as a list of [B, ...] tensors; labels, if any, are dropped."""
     if isinstance(data, Tensor):
@@ -72,10 +93,7 @@ def as_batches(data: Tensor | Iterable, num_images: int | None = None) -> list[T
     batches: list[Tensor] = []
     seen = 0
     for item in data:
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        if not isinstance(x, Tensor):
-            raise DataError(f"calibration batches must be tensors or (x, y) pairs, got {type(x).__name__}",
-                            "pass a DataLoader or a list of image tensors")
+        x = _images(item)
         if num_images is not None and seen + x.shape[0] > num_images:
             x = x[: num_images - seen]
         if x.shape[0]:
@@ -119,12 +137,13 @@ def calibrate(
     spec = ThresholdSpec.parse(threshold)
     calibrator = CALIBRATIONS.get(method)
     progress = progress or NoProgress()
-    batches = as_batches(data, num_images)
     work = copy.deepcopy(model).eval()
     device = next(work.parameters()).device
-
     started = time.perf_counter()
-    sites = find_sites(work, batches[0][:1].to(device))
+    # Refuse an unsupported network on one image, before reading the whole calibration set.
+    first, data = first_batch(data)
+    sites = find_sites(work, first[:1].to(device))
+    batches = as_batches(data, num_images)
     passes = 2 if spec.needs_histogram else 1
     stats = record_activations(work, sites, batches, histograms=spec.needs_histogram, bins=bins,
                                progress=progress.stage("recording thresholds", passes * len(batches)))
