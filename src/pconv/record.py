@@ -71,7 +71,8 @@ class ActivationObserver(nn.Module):
         self.hist = counts if self.hist is None else self.hist + counts
 
     def compute(self) -> ChannelStats:
-        return ChannelStats(max=self.max.clone(), hist=None if self.hist is None else self.hist.clone(), count=self.count)
+        # Statistics live on the CPU: they are small, and threshold search should not depend on the device.
+        return ChannelStats(max=self.max.cpu(), hist=None if self.hist is None else self.hist.cpu(), count=self.count)
 
 
 def run_batches(model: nn.Module, batches: Sequence[Tensor], device: torch.device,
