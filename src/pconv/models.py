@@ -131,7 +131,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str = "checkpoint") -> None:
     """Strict load with a one-line account of what does not fit."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # BatchNorm's num_batches_tracked counter is absent from many checkpoints; torch fills it in.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
              if k in state and state[k].shape != own[k].shape]

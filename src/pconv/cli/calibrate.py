@@ -1,0 +1,128 @@
+"""`pconv calibrate`: record thresholds and DA calibration statistics for one or more T, once.
+
+`pconv convert MODEL --calib FILE -T t` then rebuilds the SNN for any recorded t without touching the data.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from torch import nn
+
+from ..export import save_calibration
+from ..fileio import check_output
+from ..models import create_model, weights_fingerprint
+from ..pipeline import Calibration, calibrate as run_calibrate, data_config_of
+from ..sites import Site, find_sites
+from .output import Output, RichProgress, human_bytes, key_value_table
+from .options import (DEFAULT_CALIBRATION_IMAGES, TimeStepsList, apply_overrides, calibration_method_option,
+                      debug_option, device_option, json_option, loader_options, make_loader, model_label,
+                      model_options, preprocessing_options, read_batches, resolve_device, threshold_option)
+
+
+def load_model(spec: str, checkpoint: Path | None, num_classes: int | None, device: torch.device,
+               mean, std, input_size) -> tuple[nn.Module, dict[str, Any], list[Site]]:
+    """The source ANN on `device`, its data config (with overrides) and its activation sites.
+
+    The sites come from a probe on one blank input of the configured size, so an unsupported network is
+    refused before any image is read.
+    """
+    model = create_model(spec, checkpoint=checkpoint, num_classes=num_classes)
+    data_config = apply_overrides(data_config_of(model), mean, std, input_size)
+    model.to(device)
+    sites = find_sites(model, torch.zeros(1, *data_config["input_size"], device=device))
+    return model, data_config, sites
+
+
+def calibrate_on_folder(model: nn.Module, data_config: dict[str, Any], data: Path, time_steps: list[int],
+                        threshold: str, method: str, num_images: int | None, batch_size: int, seed: int,
+                        workers: int, progress: RichProgress, extra: dict[str, Any]) -> Calibration:
+    """Calibrate `model` on images of the folder `data`; provenance says where everything came from."""
+    torch.manual_seed(seed)
+    loader = make_loader(data, data_config, batch_size, num_images, seed, workers, cap=DEFAULT_CALIBRATION_IMAGES)
+    batches = read_batches(loader, progress)
+    calibration = run_calibrate(model, batches, time_steps=time_steps, threshold=threshold, method=method,
+                                progress=progress)
+    calibration.data_config = dict(data_config)
+    calibration.provenance.update({
+        "data": str(data),
+        "seed": seed,
+        "weights_sha256": weights_fingerprint(model),
+        **extra,
+    })
+    return calibration
+
+
+@click.command("calibrate")
+@click.argument("model")
+@click.option("--data", "-d", "data", required=True, type=click.Path(path_type=Path),
+              help="Image folder (class subfolders; labels are not used).")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Calibration file to write (.safetensors).")
+@click.option("--time-steps", "-T", "time_steps", type=TimeStepsList(), default="8", show_default=True,
+              help="One or more T, e.g. 4,8,16.")
+@model_options
+@click.option("--num-images", "-n", type=int, default=None,
+              help=f"Calibration images, drawn with --seed [default: all, at most {DEFAULT_CALIBRATION_IMAGES}].")
+@loader_options(default_batch=64)
+@threshold_option
+@calibration_method_option
+@preprocessing_options
+@device_option
+@click.option("--force", "-f", is_flag=True, help="Overwrite the output file if it exists.")
+@json_option
+@debug_option
+def calibrate(model: str, data: Path, output: Path, time_steps: list[int], checkpoint: Path | None,
+              num_classes: int | None, num_images: int | None, batch_size: int, seed: int, workers: int,
+              threshold: str, method: str, mean, std, input_size, device: str, force: bool, as_json: bool) -> None:
+    """Record thresholds and DA calibration statistics of MODEL on the images in --data.
+
+    The file holds everything `pconv convert --calib` needs for each T given with -T, so conversion can be
+    re-run without the data.
+    """
+    out = Output(as_json)
+    check_output(output, force)  # fail before the expensive part
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    net, data_config, sites = load_model(model, checkpoint, num_classes, dev, mean, std, input_size)
+    with out.progress() as progress:
+        calibration = calibrate_on_folder(net, data_config, data, time_steps, threshold, method, num_images,
+                                          batch_size, seed, workers, progress,
+                                          {"checkpoint": checkpoint.name if checkpoint else None})
+        path = save_calibration(calibration, output, force=force)
+    doc = {
+        "output": str(path),
+        "bytes": path.stat().st_size,
+        "model": model,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "time_steps": calibration.time_steps,
+        "threshold": calibration.threshold,
+        "calibration": calibration.method,
+        "num_sites": len(calibration.sites),
+        "num_images": calibration.provenance.get("num_images"),
+        "seed": seed,
+        "data": str(data),
+        "data_config": calibration.data_config,
+        "device": str(dev),
+        "weights_sha256": calibration.provenance["weights_sha256"],
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+    def render(console) -> None:
+        console.print(key_value_table([
+            ("model", model_label(model, checkpoint)),
+            ("sites", f"{len(calibration.sites)} activations → spiking neurons"),
+            ("T", ", ".join(map(str, calibration.time_steps))),
+            ("threshold", calibration.threshold),
+            ("calibration", calibration.method),
+            ("images", f"{doc['num_images']} from {data} (seed {seed})"),
+            ("input", f"{'x'.join(map(str, data_config['input_size']))}, mean {tuple(data_config['mean'])}, "
+                      f"std {tuple(data_config['std'])}"),
+            ("time", f"{doc['seconds']:.1f} s on {dev}"),
+        ], title=f"Calibration written to {path} ({human_bytes(doc['bytes'])})"))
+
+    out.result(doc, render)

@@ -1,0 +1,136 @@
+"""`pconv convert`: the whole pipeline (from images) or from a calibration file, to one SNN file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigError
+from ..export import load_calibration, save
+from ..fileio import check_output
+from ..models import weights_fingerprint
+from ..pipeline import Calibration, build_snn
+from ..sites import Site
+from .calibrate import calibrate_on_folder, load_model
+from .output import Output, human_bytes, key_value_table
+from .options import (DEFAULT_CALIBRATION_IMAGES, TimeSteps, calibration_method_option, check_not_given,
+                      debug_option, device_option, json_option, loader_options, model_label, model_options,
+                      neuron_option, preprocessing_options, resolve_device, threshold_option)
+
+DEFAULT_T = 8
+CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", "threshold", "method", "mean", "std",
+                       "input_size"]
+
+
+def check_calibration_fits(calibration: Calibration, sites: list[Site], fingerprint: str, path: Path) -> None:
+    """Refuse a calibration made for another architecture or other weights."""
+    mine = [(s.name, s.activation, s.channels) for s in sites]
+    theirs = [(s.name, s.activation, s.channels) for s in calibration.sites]
+    if mine != theirs:
+        differ = next((f"{a[0]} ({a[2]} channels) vs {b[0]} ({b[2]} channels)" for a, b in zip(mine, theirs)
+                       if a != b), f"{len(mine)} vs {len(theirs)} sites")
+        raise ConfigError(f"calibration {str(path)!r} was made for another model: its activation sites differ "
+                          f"({differ})", "calibrate this model: pconv calibrate MODEL --data DIR -o CALIB")
+    recorded = calibration.provenance.get("weights_sha256")
+    if recorded and recorded != fingerprint:
+        raise ConfigError(f"calibration {str(path)!r} was made for other weights of this architecture "
+                          f"(weights sha256 {recorded[:12]}…, these are {fingerprint[:12]}…)",
+                          "pass the --checkpoint it was calibrated with, or calibrate these weights")
+
+
+@click.command("convert")
+@click.argument("model")
+@click.option("--calib", "calib", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Calibration file from `pconv calibrate` (no images needed).")
+@click.option("--data", "-d", "data", type=click.Path(path_type=Path), default=None,
+              help="Image folder to calibrate on (instead of --calib).")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="SNN file to write (.safetensors).")
+@click.option("--time-steps", "-T", "time_steps", type=TimeSteps(), default=None,
+              help=f"Time steps [default: {DEFAULT_T}, or the only T of --calib].")
+@neuron_option("parallel", "Spiking neuron of the exported SNN.")
+@model_options
+@click.option("--num-images", "-n", type=int, default=None,
+              help=f"Calibration images (--data), drawn with --seed [default: all, at most "
+                   f"{DEFAULT_CALIBRATION_IMAGES}].")
+@loader_options(default_batch=64)
+@threshold_option
+@calibration_method_option
+@preprocessing_options
+@device_option
+@click.option("--force", "-f", is_flag=True, help="Overwrite the output file if it exists.")
+@json_option
+@debug_option
+@click.pass_context
+def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | None, output: Path,
+            time_steps: int | None, neuron: str, checkpoint: Path | None, num_classes: int | None,
+            num_images: int | None, batch_size: int, seed: int, workers: int, threshold: str, method: str,
+            mean, std, input_size, device: str, force: bool, as_json: bool) -> None:
+    """Convert MODEL into a spiking network with T time steps and write it to one safetensors file.
+
+    Calibrate on the images in --data (thresholds, then DA calibration), or reuse a calibration file made
+    by `pconv calibrate` with --calib.
+    """
+    if (calib is None) == (data is None):
+        raise click.UsageError("give exactly one of --calib CALIB or --data DIR", ctx=ctx)
+    if calib is not None:
+        check_not_given(ctx, CALIBRATION_OPTIONS, "only apply when calibrating (--data); the calibration file "
+                                                  "already fixes them")
+    out = Output(as_json)
+    check_output(output, force)
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    net, data_config, sites = load_model(model, checkpoint, num_classes, dev, mean, std, input_size)
+    with out.progress() as progress:
+        if calib is not None:
+            calibration = load_calibration(calib)
+            check_calibration_fits(calibration, sites, weights_fingerprint(net), calib)
+            if time_steps is None:
+                if len(calibration.time_steps) != 1:
+                    raise click.UsageError(f"{calib} holds T = {', '.join(map(str, calibration.time_steps))}; "
+                                           "choose one with -T", ctx=ctx)
+                time_steps = calibration.time_steps[0]
+            calibration.provenance["calibration_file"] = calib.name
+            source = f"calibration file {calib}"
+        else:
+            time_steps = time_steps or DEFAULT_T
+            calibration = calibrate_on_folder(net, data_config, data, [time_steps], threshold, method, num_images,
+                                              batch_size, seed, workers, progress,
+                                              {"checkpoint": checkpoint.name if checkpoint else None})
+            source = f"{calibration.provenance.get('num_images')} images from {data} (seed {seed})"
+        snn = build_snn(net, calibration, time_steps, neuron)
+        snn.info.source = net.pconv_source  # how this model was built, whatever the calibration recorded
+        path = save(snn.to("cpu"), output, force=force)
+    neurons_per_site = {s.name: s.channels for s in snn.info.sites}
+    doc = {
+        "output": str(path),
+        "bytes": path.stat().st_size,
+        "model": model,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "time_steps": time_steps,
+        "neuron": neuron,
+        "threshold": calibration.threshold,
+        "calibration": calibration.method,
+        "calibrated_on": source,
+        "num_sites": len(snn.info.sites),
+        "num_channels": sum(neurons_per_site.values()),
+        "data_config": snn.info.data_config,
+        "device": str(dev),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+    def render(console) -> None:
+        console.print(key_value_table([
+            ("model", model_label(model, checkpoint)),
+            ("T", time_steps),
+            ("neuron", neuron),
+            ("sites", f"{len(snn.info.sites)} spiking layers, {doc['num_channels']} channels"),
+            ("threshold", calibration.threshold),
+            ("calibration", f"{calibration.method} on {source}"),
+            ("time", f"{doc['seconds']:.1f} s on {dev}"),
+        ], title=f"SNN written to {path} ({human_bytes(doc['bytes'])})"))
+        console.print(f"Next: pconv eval {path} --data DIR", markup=False)
+
+    out.result(doc, render)

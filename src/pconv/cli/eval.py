@@ -1,0 +1,115 @@
+"""`pconv eval`: the SNN and its source ANN (rebuilt from the same file) side by side on an image folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..errors import ConfigError
+from ..evaluate import DEFAULT_SOP_IMAGES, EvalResult, evaluate
+from ..export import load
+from ..format import read_header
+from .output import Output, pct, si
+from .options import (apply_overrides, debug_option, device_option, engine_option, json_option, loader_options,
+                      make_loader, neuron_option, preprocessing_options, resolve_device)
+
+
+def render_result(console, result: EvalResult, title: str, layers: bool) -> None:
+    console.print(title, markup=False, style="bold")
+    summary = Table()
+    summary.add_column("")
+    summary.add_column(f"SNN (T={result.time_steps})", justify="right")
+    summary.add_column("ANN", justify="right")
+    summary.add_row("top-1", pct(result.top1), pct(result.ann_top1))
+    summary.add_row(f"top-{result.topk}", pct(result.top5), pct(result.ann_top5))
+    summary.add_row("images/s", f"{result.samples_per_sec:.1f}",
+                    "-" if result.ann_samples_per_sec is None else f"{result.ann_samples_per_sec:.1f}")
+    summary.add_row("ms per batch", f"{result.step_time_ms:.2f}",
+                    "-" if result.ann_step_time_ms is None else f"{result.ann_step_time_ms:.2f}")
+    summary.add_row("MACs per image", si(result.snn_macs), si(result.ann_macs))
+    sops = result.sops
+    summary.add_row("SOPs per image", si(sops), "-")
+    console.print(summary)
+    if result.top1_agreement is not None:
+        console.print(f"top-1 agreement SNN vs ANN: {pct(result.top1_agreement)} of {result.num_images} images "
+                      f"(batch {result.batch_size}, {result.neuron} neurons, {result.engine} engine, "
+                      f"{result.device})")
+    console.print(f"mean firing rate: {result.to_dict()['mean_firing_rate']:.4f} spikes per neuron per step")
+    console.print("The SNN's MACs are the layers that see the analog image (direct encoding, computed once); "
+                  "every other layer costs synaptic operations (SOPs), " +
+                  (f"counted over all {result.time_steps} steps on {result.sop_images} images."
+                   if result.sop_images else "not counted (--sop-images 0)."))
+    if not layers:
+        return
+    neurons = Table(title="Spiking layers", title_justify="left", title_style="bold")
+    for col, justify in (("site", "left"), ("activation", "left"), ("neurons/img", "right"),
+                         ("firing rate", "right"), ("spikes/img", "right")):
+        neurons.add_column(col, justify=justify)
+    for s in result.sites:
+        neurons.add_row(s.name, s.activation, si(s.neurons), f"{s.firing_rate:.4f}", si(s.spikes_per_image))
+    console.print(neurons)
+    costs = Table(title="Synaptic layers", title_justify="left", title_style="bold",
+                  caption="input: image = analog image (MACs); spikes = binary spike trains; graded = nonzero "
+                          "values of varying size (after pooling/BatchNorm/additions), one event each",
+                  caption_justify="left")
+    for col, justify in (("layer", "left"), ("input", "left"), ("ANN MACs/img", "right"), ("SNN SOPs/img", "right"),
+                         ("SOPs/MAC", "right"), ("input rate", "right")):
+        costs.add_column(col, justify=justify)
+    for layer in result.layers:
+        ratio = "-" if layer.sops is None or not layer.macs else f"{layer.sops / layer.macs:.3f}"
+        rate = "-" if layer.input_rate is None else f"{layer.input_rate:.4f}"
+        costs.add_row(layer.name, layer.input, si(layer.macs), si(layer.sops), ratio, rate)
+    console.print(costs)
+
+
+@click.command("eval")
+@click.argument("snn_file", metavar="SNN_FILE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", "-d", "data", required=True, type=click.Path(path_type=Path),
+              help="Labelled image folder (class subfolders; class_map.txt honoured).")
+@click.option("--num-images", "-n", type=int, default=None,
+              help="Evaluate on this many images, drawn with --seed [default: all].")
+@loader_options(default_batch=64)
+@neuron_option(None, "Run with another neuron at the same T, e.g. serial (the classic IF baseline).")
+@engine_option
+@click.option("--sop-images", type=click.IntRange(min=0), default=DEFAULT_SOP_IMAGES, show_default=True,
+              help="Images on which synaptic operations are counted (spike engine); 0 skips.")
+@click.option("--layers/--no-layers", default=True, show_default=True, help="Show the per-layer tables.")
+@preprocessing_options
+@device_option
+@json_option
+@debug_option
+def eval_command(snn_file: Path, data: Path, num_images: int | None, batch_size: int, seed: int, workers: int,
+                 neuron: str | None, engine: str | None, sop_images: int, layers: bool, mean, std, input_size,
+                 device: str, as_json: bool) -> None:
+    """Evaluate SNN_FILE on the images in --data: SNN and ANN top-1/top-5, their agreement, speed,
+    firing rates and synaptic operations."""
+    out = Output(as_json)
+    header = read_header(snn_file)  # refuses a corrupt or foreign file before anything else
+    if header.kind != "snn":
+        load(snn_file)  # raises the explanatory FormatError
+    dev = resolve_device(device)
+    snn = load(snn_file, device=dev)
+    if neuron and neuron != snn.info.neuron:
+        snn = snn.with_neuron(neuron)
+    if engine == "counts" and snn.engine != "counts":
+        raise ConfigError(f"the {snn.info.neuron} neuron runs only in the spike engine",
+                          "drop --engine counts (the spike engine is used)")
+    data_config = apply_overrides(snn.info.data_config, mean, std, input_size)
+    loader = make_loader(data, data_config, batch_size, num_images, seed, workers)
+    with out.progress() as progress:
+        result = evaluate(snn, loader, device=dev, engine=engine, sop_images=sop_images, progress=progress)
+    source = snn.info.source
+    doc = {
+        "model": source.name if source else None,
+        "file": str(snn_file),
+        "data": str(data),
+        **result.to_dict(),
+        "img_size": data_config["input_size"][-1],
+        "input_size": data_config["input_size"],
+        "crop_pct": data_config.get("crop_pct"),
+        "interpolation": data_config.get("interpolation"),
+    }
+    title = f"{snn_file.name}: {doc['model']}, T={result.time_steps}, {result.num_images} images from {data}"
+    out.result(doc, lambda console: render_result(console, result, title, layers))

@@ -1,0 +1,139 @@
+"""`pconv inspect`: what a calibration or SNN file holds, from its header (the weights are never loaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from ..errors import FormatError
+from ..format import Header, read_header
+from .output import Output, human_bytes, key_value_table
+from .options import debug_option, json_option
+
+
+def _theta_stats(path: Path, names: list[str]) -> dict[str, dict[str, float]]:
+    """min/mean/max of a few small per-channel tensors, read one by one (memory-mapped)."""
+    from safetensors import SafetensorError, safe_open
+
+    stats = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in names:
+                t = f.get_tensor(name).double()
+                stats[name] = {"min": round(float(t.min()), 6), "mean": round(float(t.mean()), 6),
+                               "max": round(float(t.max()), 6)}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise FormatError(f"cannot read the thresholds of {str(path)!r}: {e}", "the file is corrupt") from None
+    return stats
+
+
+def describe(path: Path, header: Header, thresholds: bool = True) -> dict[str, Any]:
+    meta = header.metadata
+    kind = header.kind
+    try:
+        sites = header.json("sites")
+        model = json.loads(meta["model"]) if meta.get("model") else None
+    except (KeyError, json.JSONDecodeError):
+        raise FormatError(f"{str(path)!r} has malformed metadata", "the file is corrupt") from None
+    doc: dict[str, Any] = {
+        "file": str(path),
+        "kind": kind,
+        "format_version": int(meta["pconv.format_version"]),
+        "pconv_version": meta.get("pconv.version"),
+        "created": meta.get("created"),
+        "model": model,
+        "time_steps": header.json("time_steps") if kind == "calibration" else int(meta.get("time_steps", 0)),
+        "neuron": meta.get("neuron") if kind == "snn" else None,
+        "threshold": meta.get("threshold"),
+        "calibration": meta.get("calibration"),
+        "data_config": header.json("data_config"),
+        "provenance": header.json("provenance"),
+        "num_tensors": len(header.tensors),
+        "bytes": header.file_size,
+        "weight_bytes": sum(t["data_offsets"][1] - t["data_offsets"][0] for n, t in header.tensors.items()
+                            if n.startswith("weights.")),
+    }
+    if kind == "snn":
+        names = {s["name"]: f"neurons.{s['name']}.theta_in" for s in sites}
+    else:
+        names = {f"{s['name']}@{t}": f"T{t}.{s['name']}.theta" for s in sites for t in doc["time_steps"]}
+    missing = [n for n in names.values() if n not in header.tensors]
+    if missing:
+        raise FormatError(f"tensor {missing[0]!r} named by the metadata is missing",
+                          "the file's tensors do not match its metadata")
+    stats = _theta_stats(path, list(names.values())) if thresholds else {}
+    out_sites = []
+    for s in sites:
+        entry = dict(s)
+        if thresholds and kind == "snn":
+            entry["theta"] = stats[names[s["name"]]]
+        elif thresholds:
+            entry["theta"] = {str(t): stats[names[f"{s['name']}@{t}"]] for t in doc["time_steps"]}
+        out_sites.append(entry)
+    doc["sites"] = out_sites
+    return doc
+
+
+def render(console, doc: dict[str, Any]) -> None:
+    model = doc["model"] or {}
+    label = model.get("name", "?") + (f" {model['kwargs']}" if model.get("kwargs") else "")
+    rows = [
+        ("kind", "spiking network" if doc["kind"] == "snn" else "calibration"),
+        ("model", f"{label} ({model.get('kind', '?')})"),
+        ("T", doc["time_steps"] if doc["kind"] == "snn" else ", ".join(map(str, doc["time_steps"]))),
+    ]
+    if doc["neuron"]:
+        rows.append(("neuron", doc["neuron"]))
+    rows += [
+        ("threshold", doc["threshold"]),
+        ("calibration", doc["calibration"]),
+        ("data config", ", ".join(f"{k}={v}" for k, v in sorted(doc["data_config"].items()))),
+    ]
+    rows += [(f"provenance.{k}", v) for k, v in sorted(doc["provenance"].items())]
+    rows += [
+        ("format", f"pconv v{doc['format_version']}, written by pconv {doc['pconv_version']} on {doc['created']}"),
+        ("size", f"{human_bytes(doc['bytes'])}, {doc['num_tensors']} tensors"
+                 + (f" ({human_bytes(doc['weight_bytes'])} of weights)" if doc["weight_bytes"] else "")),
+    ]
+    console.print(key_value_table(rows, title=doc["file"]))
+    table = Table(title=f"{len(doc['sites'])} sites (activation → spiking neuron)", title_justify="left",
+                  title_style="bold")
+    table.add_column("#", justify="right")
+    table.add_column("site", no_wrap=True)
+    table.add_column("activation")
+    table.add_column("channels", justify="right")
+    # Thresholds at one T (for a calibration: the smallest; they differ across T only for T-aware methods).
+    t0 = doc["time_steps"] if doc["kind"] == "snn" else doc["time_steps"][0]
+    with_theta = bool(doc["sites"]) and "theta" in doc["sites"][0]
+    suffix = "" if doc["kind"] == "snn" else f" (T={t0})"
+    if with_theta:
+        table.add_column(f"θ mean{suffix}", justify="right")
+        table.add_column(f"θ max{suffix}", justify="right")
+    for i, s in enumerate(doc["sites"]):
+        cells = [str(i), s["name"], s["activation"] + (f" (cap {s['cap']:g})" if s.get("cap") else ""),
+                 str(s["channels"])]
+        if with_theta:
+            th = s["theta"] if doc["kind"] == "snn" else s["theta"][str(t0)]
+            cells += [f"{th['mean']:.4g}", f"{th['max']:.4g}"]
+        table.add_row(*cells)
+    console.print(table)
+
+
+@click.command("inspect")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--thresholds/--no-thresholds", default=True, show_default=True,
+              help="Summarise each site's per-channel thresholds (reads those small tensors only).")
+@json_option
+@debug_option
+def inspect(file: Path, thresholds: bool, as_json: bool) -> None:
+    """Show what a calibration or SNN FILE holds: model, T, neuron, sites with thresholds, provenance.
+
+    Reads the header (and, unless --no-thresholds, the per-site threshold vectors); weights are never loaded.
+    """
+    out = Output(as_json)
+    doc = describe(file, read_header(file), thresholds)
+    out.result(doc, lambda console: render(console, doc))
