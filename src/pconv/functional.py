@@ -33,19 +33,25 @@ def neuron_params(theta: Tensor, delta_in: Tensor, delta_out: Tensor, time_steps
 
 
 def spike_count(x_mean: Tensor, theta_in: Tensor, bias: Tensor, time_steps: int, channel_dim: int = 1) -> Tensor:
-    """k = clamp(floor((T*mean(x) + b) / theta_in), 0, T): how many of the T steps spike."""
-    theta_in = per_channel(theta_in, x_mean, channel_dim)
-    bias = per_channel(bias, x_mean, channel_dim)
-    return torch.clamp(torch.floor((time_steps * x_mean + bias) / theta_in), 0, time_steps)
+    """k = clamp(floor((T*mean(x) + b) / theta_in), 0, T): how many of the T steps spike.
+
+    Evaluated as floor(mean(x) * (T/theta_in) + b/theta_in): one multiply-add per element, with the
+    per-channel factors computed once. QCFS and every neuron call this one function, so they agree
+    bit for bit whatever the rounding of this form.
+    """
+    scale = per_channel(time_steps / theta_in, x_mean, channel_dim)
+    offset = per_channel(bias / theta_in, x_mean, channel_dim)
+    return torch.addcmul(offset, x_mean, scale).floor_().clamp_(0, time_steps)
 
 
-def count_output(k: Tensor, theta_out: Tensor, time_steps: int, channel_dim: int = 1) -> Tensor:
-    """Time-mean output of a neuron that spiked k times with amplitude theta_out."""
-    return per_channel(theta_out, k, channel_dim) * k / time_steps
+def count_output(k: Tensor, theta_out: Tensor, time_steps: int, channel_dim: int = 1, inplace: bool = False) -> Tensor:
+    """Time-mean output of a neuron that spiked k times with amplitude theta_out: k * (theta_out/T)."""
+    amplitude = per_channel(theta_out / time_steps, k, channel_dim)
+    return k.mul_(amplitude) if inplace else k * amplitude
 
 
 def qcfs(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, levels: int, channel_dim: int = 1) -> Tensor:
     """DA-QCFS: (theta+delta_out)/L * clamp(floor(L*(x+delta_in)/theta + phi), 0, L), per channel."""
     theta_in, bias, theta_out = neuron_params(theta, delta_in, delta_out, levels)
     k = spike_count(x, theta_in, bias, levels, channel_dim)
-    return count_output(k, theta_out, levels, channel_dim)
+    return count_output(k, theta_out, levels, channel_dim, inplace=True)

@@ -64,7 +64,7 @@ class ParallelIF(SpikingNeuron):
             k = PF.spike_count(x, self.theta_in, self.bias, T)
             if self.count_hook is not None:
                 self.count_hook(k)
-            return PF.count_output(k, self.theta_out, T)
+            return PF.count_output(k, self.theta_out, T, inplace=self.count_hook is None)
         x_mean = self.steps_view(x).mean(dim=0)
         k = PF.spike_count(x_mean, self.theta_in, self.bias, T)
         if self.count_hook is not None:
