@@ -9,7 +9,6 @@ import nets
 import pconv
 from pconv import ConfigError, DataError, OutputExistsError
 from pconv.calibrate import CALIBRATIONS
-from pconv.neurons import ENGINES
 from pconv.quantize import quantize
 
 NETS = {
@@ -184,11 +183,6 @@ def test_calibration_for_several_T_and_missing_T():
 # --- export ---------------------------------------------------------------------------------
 
 
-def outputs(snn, x):
-    with torch.inference_mode():
-        return {engine: snn.set_engine(engine)(x) for engine in ENGINES}
-
-
 @pytest.mark.parametrize("make", [nets.timm_resnet, nets.vgg_small], ids=["timm", "factory"])
 @pytest.mark.parametrize("neuron", ["parallel", "serial"])
 def test_save_load_round_trip_is_bit_exact(tmp_path, make, neuron):
@@ -205,8 +199,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, make, neuron):
     for key, value in snn.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     x = torch.randn(4, 3, 32, 32)
-    engines = ENGINES if neuron == "parallel" else ("spikes",)
-    for engine in engines:
+    for engine in pconv.NEURONS.get(neuron).engines:
         with torch.inference_mode():
             assert torch.equal(loaded.set_engine(engine)(x), snn.set_engine(engine)(x))
     with torch.inference_mode():
@@ -268,3 +261,33 @@ def test_unimportable_model_cannot_be_saved(tmp_path):
     with pytest.raises(pconv.PconvError, match="rebuild its architecture"):
         pconv.save(snn, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_serial_step_engine_equals_layerwise_serial():
+    """T sequential passes with stateful neurons = the layer-by-layer serial run."""
+    model = nets.timm_resnet().double()
+    serial = pconv.convert(model, [b.double() for b in calib_batches(n=1)], time_steps=6).with_neuron("serial")
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    counts = []
+    for neuron in serial.neurons().values():
+        neuron.count_hook = lambda k: counts.append(k.sum().item())
+    with torch.inference_mode():
+        layerwise = serial.set_engine("spikes").forward_steps(x)
+        stepwise = serial.set_engine("steps").forward_steps(x)
+        again = serial(x)
+    assert torch.allclose(layerwise, stepwise, atol=1e-9, rtol=0)
+    assert torch.allclose(again, stepwise.mean(0), atol=1e-12, rtol=0)  # state was reset between batches
+    n = len(serial.info.sites)
+    assert counts[:n] == counts[n:2 * n] and sum(counts[:n]) > 0
+    with pytest.raises(ConfigError):
+        pconv.convert(model, [b.double() for b in calib_batches(n=1)], time_steps=6).set_engine("steps")
+
+
+def test_spike_engine_in_bounded_chunks():
+    snn = pconv.convert(nets.vgg_small(), calib_batches(n=1), time_steps=8).set_engine("spikes")
+    x = torch.randn(10, 3, 32, 32)
+    with torch.inference_mode():
+        whole = snn(x)
+        snn.spike_batch_limit = 24  # 3 images x 8 steps per pass
+        chunked = snn(x)
+    assert torch.allclose(whole, chunked, atol=1e-5, rtol=0)

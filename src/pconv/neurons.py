@@ -1,7 +1,10 @@
 """Spiking neurons. Each carries per-channel theta_in, bias b and theta_out, and knows T.
 
-Spike domain: the input is [T*B, ...] (step-major); the output is the T spike maps, same layout.
-Count domain: the input is the time-mean [B, ...]; the output is the time-mean theta_out*k/T.
+Engines (how a neuron sees time):
+  counts: the input is the time-mean [B, ...]; the output is the time-mean theta_out*k/T.
+  spikes: the input is [T*B, ...] (step-major); the output is the T spike maps, same layout.
+  steps:  one call per time step, [B, ...] in and out; the neuron keeps its membrane between calls
+          (serial neurons only: the classic SNN schedule of T sequential passes).
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ from .registry import Registry
 from .sites import Site
 
 NEURONS: Registry[Type["SpikingNeuron"]] = Registry("neuron")
-ENGINES = ("counts", "spikes")
+ENGINES = ("counts", "spikes", "steps")
 
 
 class SpikingNeuron(nn.Module):
     """Shared parameters and layout helpers; subclasses define the dynamics."""
 
     #: Engines the neuron can run in.
-    engines: tuple[str, ...] = ENGINES
+    engines: tuple[str, ...] = ("counts", "spikes")
     type_name = ""
 
     def __init__(self, theta_in: Tensor, bias: Tensor, theta_out: Tensor, time_steps: int, site: Site):
@@ -80,9 +83,24 @@ class SerialIF(SpikingNeuron):
     reset by subtraction. Equal to the parallel neuron on time-constant input."""
 
     type_name = "serial"
-    engines = ("spikes",)
+    engines = ("spikes", "steps")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.membrane: Tensor | None = None  # state of the "steps" engine
+        self.fired: Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the membrane: call before each new batch in the "steps" engine. Reports the spike
+        counts of the finished batch to `count_hook` first."""
+        if self.fired is not None and self.count_hook is not None:
+            self.count_hook(self.fired)
+        self.membrane = None
+        self.fired = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.engine == "steps":
+            return self._one_step(x)
         steps = self.steps_view(x)
         theta_in = PF.per_channel(self.theta_in, steps[0])
         theta_out = PF.per_channel(self.theta_out, steps[0])
@@ -99,6 +117,16 @@ class SerialIF(SpikingNeuron):
         if count is not None:
             self.count_hook(count)
         return out.view(x.shape)
+
+    def _one_step(self, x: Tensor) -> Tensor:
+        if self.membrane is None:
+            self.membrane = PF.per_channel(self.bias, x).expand_as(x).clone()
+            self.fired = torch.zeros_like(x)
+        self.membrane = self.membrane + x
+        fired = (self.membrane >= PF.per_channel(self.theta_in, x)).to(x.dtype)
+        self.membrane = self.membrane - fired * PF.per_channel(self.theta_in, x)
+        self.fired += fired
+        return fired * PF.per_channel(self.theta_out, x)
 
 
 def make_neuron(kind: str, theta: Tensor, delta_in: Tensor, delta_out: Tensor, time_steps: int,

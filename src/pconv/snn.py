@@ -37,13 +37,16 @@ class SpikingNetwork(nn.Module):
     """Calling it on [B, ...] returns the time-mean of its T-step output, [B, classes].
 
     engine "counts": each neuron emits its time-mean (cost independent of T);
-    engine "spikes": T*B samples flow through every layer (per-step outputs available).
+    engine "spikes": T*B samples flow through every layer (per-step outputs available);
+    engine "steps":  T sequential passes of B samples, neurons keep state (serial neurons only).
+    `spike_batch_limit` bounds the samples of one spike-domain pass: larger batches run in chunks.
     """
 
     def __init__(self, net: nn.Module, info: ConversionInfo):
         super().__init__()
         self.net = net
         self.info = info
+        self.spike_batch_limit: int | None = None
         kinds = {type(m).type_name for m in self.neurons().values()}
         self._engine = "counts" if all("counts" in NEURONS.get(k).engines for k in kinds) else "spikes"
         self.set_engine(self._engine)
@@ -73,13 +76,29 @@ class SpikingNetwork(nn.Module):
         return self.forward_steps(x).mean(dim=0)
 
     def forward_steps(self, x: Tensor) -> Tensor:
-        """Per-step outputs [T, B, ...] (spike engine only): the image is presented at every step."""
-        if self._engine != "spikes":
+        """Per-step outputs [T, B, ...] (spike or step engine): the image is presented at every step."""
+        if self._engine == "counts":
             raise ConfigError("per-step outputs need the spike-domain engine", "call snn.set_engine('spikes')")
+        if self._engine == "steps":
+            return self._run_steps(x)
         T, B = self.time_steps, x.shape[0]
-        repeated = x.unsqueeze(0).expand(T, *x.shape).reshape(T * B, *x.shape[1:])
-        out = self.net(repeated)
-        return out.view(T, B, *out.shape[1:])
+        chunk = B if not self.spike_batch_limit else max(1, self.spike_batch_limit // T)
+        outs = []
+        for part in x.split(chunk):
+            repeated = part.unsqueeze(0).expand(T, *part.shape).reshape(T * part.shape[0], *part.shape[1:])
+            out = self.net(repeated)
+            outs.append(out.view(T, part.shape[0], *out.shape[1:]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _run_steps(self, x: Tensor) -> Tensor:
+        neurons = self.neurons().values()
+        for neuron in neurons:
+            neuron.reset()
+        try:
+            return torch.stack([self.net(x) for _ in range(self.time_steps)])
+        finally:
+            for neuron in neurons:
+                neuron.reset()
 
     def to_ann(self) -> nn.Module:
         """A copy of the source ANN: the same weights with the original activations back."""
