@@ -47,11 +47,31 @@ class _CheckedDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return self.dataset[index]
+            return self._load(index)
         except Exception as e:
             name = self._filename(index)
             raise DataError(f"cannot read image {name}: {str(e).splitlines()[0][:160]}",
                             "remove or replace the file") from None
+
+    def _load(self, index: int):
+        ds = self.dataset
+        if not hasattr(ds, "reader") or getattr(ds, "load_bytes", False) or getattr(ds, "additional_features", None):
+            return ds[index]
+        # timm's ImageDataset silently substitutes the next image for an unreadable one (and its label):
+        # read it here instead, so a broken file is an error naming it.
+        from PIL import Image
+
+        img, target, *_ = ds.reader[index]
+        img = Image.open(img)
+        if ds.input_img_mode:
+            img = img.convert(ds.input_img_mode)
+        if ds.transform is not None:
+            img = ds.transform(img)
+        if target is None:
+            target = -1
+        elif ds.target_transform is not None:
+            target = ds.target_transform(target)
+        return img, target
 
     def _filename(self, index: int) -> str:
         try:
