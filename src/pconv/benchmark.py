@@ -1,0 +1,228 @@
+"""Speed of one SNN run four ways: the source ANN, the serial IF baseline (T sequential passes), the
+spike-domain engine (T*B samples per layer) and the count-domain engine (cost independent of T).
+
+Timing follows timm's benchmark: warm-up calls, then synchronised `perf_counter` around a fixed number
+of calls. Peak memory is the high-water mark of tensor bytes alive during one forward pass, counted at
+the dispatcher (so it works on CPU and GPU alike); on CUDA the allocator's own peak is reported too.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .errors import ConfigError
+from .snn import SpikingNetwork
+
+BENCH_ENGINES = ("ann", "serial", "spikes", "counts")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineResult:
+    engine: str
+    batch_size: int
+    samples_per_sec: float
+    step_time_ms: float  # one batch of batch_size
+    latency_ms: float  # one image at batch 1
+    peak_memory_mb: float  # tensor high-water mark of one batch_size forward
+    cuda_peak_memory_mb: float | None = None
+    samples_per_sec_vs_ann: float | None = None  # > 1: faster than the ANN
+    latency_vs_ann: float | None = None  # > 1: slower than the ANN
+    top1_agreement_vs_fp32: float | None = None  # reduced precision only
+
+
+@dataclass
+class BenchResult:
+    model: str
+    time_steps: int
+    device: str
+    precision: str
+    channels_last: bool
+    compiled: bool
+    cuda_graph: bool
+    img_size: list[int]
+    param_count: int
+    torch_version: str = torch.__version__
+    engines: list[EngineResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _TensorBytes(TorchDispatchMode):
+    """Counts bytes of tensors created inside the mode and still alive; keeps the maximum."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += self.live[key]
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(t, self._release, key)
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[Tensor], Tensor], x: Tensor, warmup: int, iters: int) -> float:
+    """Seconds per call, after `warmup` untimed calls."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(x)
+        _sync(x.device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn(x)
+        _sync(x.device)
+    return (time.perf_counter() - start) / iters
+
+
+def peak_tensor_bytes(fn: Callable[[Tensor], Tensor], x: Tensor) -> int:
+    meter = _TensorBytes()
+    with torch.inference_mode(), meter:
+        out = fn(x)
+    del out
+    return meter.peak
+
+
+def _cuda_graphed(fn: Callable[[Tensor], Tensor], example: Tensor) -> Callable[[Tensor], Tensor]:
+    """Capture `fn` on a static input once; each call copies the input in and replays the graph."""
+    static_in = example.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(static_in)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        static_out = fn(static_in)
+
+    def replay(x: Tensor) -> Tensor:
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    return replay
+
+
+def _runners(snn: SpikingNetwork, engines: tuple[str, ...]) -> dict[str, nn.Module]:
+    runners: dict[str, nn.Module] = {}
+    for engine in engines:
+        if engine == "ann":
+            runners[engine] = snn.to_ann()
+        elif engine == "serial":
+            runners[engine] = snn.with_neuron("serial").set_engine("steps")
+        else:
+            runners[engine] = snn.with_neuron("parallel").set_engine(engine)
+    return runners
+
+
+def benchmark(
+    snn: SpikingNetwork,
+    input_size: tuple[int, ...],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    engines: tuple[str, ...] = BENCH_ENGINES,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
+    cuda_graph: bool = False,
+    warmup: int = 3,
+    iters: int = 10,
+    latency_iters: int = 20,
+    images: Tensor | None = None,
+    spike_batch_limit: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Time every engine at `batch_size` and at batch 1 on the same input."""
+    device = torch.device(device)
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}", "for example --batch-size 64")
+    unknown = [e for e in engines if e not in BENCH_ENGINES]
+    if unknown:
+        raise ConfigError(f"unknown engine {unknown[0]!r}", f"use some of: {', '.join(BENCH_ENGINES)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}", f"use one of: {', '.join(PRECISIONS)}")
+    if cuda_graph and device.type != "cuda":
+        raise ConfigError("CUDA graphs need a CUDA device", "pass --device cuda, or drop --cuda-graph")
+    dtype = PRECISIONS[precision]
+    generator = torch.Generator().manual_seed(0)
+    x = images if images is not None else torch.randn(batch_size, *input_size, generator=generator)
+    x = x[:batch_size].to(device)
+    if x.shape[0] < batch_size:
+        x = x.repeat((batch_size + x.shape[0] - 1) // x.shape[0], *([1] * (x.dim() - 1)))[:batch_size]
+    memory_format = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
+    x = x.contiguous(memory_format=memory_format)
+    one = x[:1].contiguous(memory_format=memory_format)
+
+    result = BenchResult(
+        model=(snn.info.source.name if snn.info.source else type(snn.net).__name__), time_steps=snn.time_steps,
+        device=str(device), precision=precision, channels_last=channels_last, compiled=compile,
+        cuda_graph=cuda_graph, img_size=list(input_size), param_count=sum(p.numel() for p in snn.net.parameters()),
+    )
+    for engine, module in _runners(snn, engines).items():
+        if progress:
+            progress(engine)
+        module = module.to(device).to(memory_format=memory_format).eval()
+        if isinstance(module, SpikingNetwork):
+            module.spike_batch_limit = spike_batch_limit
+
+        def plain(inp: Tensor, module=module) -> Tensor:
+            if dtype is None:
+                return module(inp)
+            with torch.autocast(device.type, dtype=dtype):
+                return module(inp)
+
+        fn = torch.compile(plain) if compile else plain
+        batch_fn = _cuda_graphed(fn, x) if cuda_graph else fn
+        one_fn = _cuda_graphed(fn, one) if cuda_graph else fn
+        step = time_calls(batch_fn, x, warmup, iters)
+        latency = time_calls(one_fn, one, warmup, latency_iters)
+        cuda_peak = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            with torch.inference_mode():
+                plain(x)
+            cuda_peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        agreement = None
+        if dtype is not None:
+            with torch.inference_mode():
+                reduced = plain(x).float()
+                full = module(x).float()
+            agreement = 100.0 * (reduced.argmax(1) == full.argmax(1)).float().mean().item()
+        result.engines.append(EngineResult(
+            engine=engine, batch_size=batch_size, samples_per_sec=batch_size / step, step_time_ms=1000 * step,
+            latency_ms=1000 * latency, peak_memory_mb=peak_tensor_bytes(plain, x) / 2**20,
+            cuda_peak_memory_mb=cuda_peak, top1_agreement_vs_fp32=agreement))
+    ann = next((e for e in result.engines if e.engine == "ann"), None)
+    if ann is not None:
+        for e in result.engines:
+            e.samples_per_sec_vs_ann = e.samples_per_sec / ann.samples_per_sec
+            e.latency_vs_ann = e.latency_ms / ann.latency_ms
+    return result
