@@ -48,7 +48,8 @@ class BenchResult:
     channels_last: bool
     compiled: bool
     cuda_graph: bool
-    img_size: list[int]
+    input_size: list[int]
+    img_size: int
     param_count: int
     torch_version: str = torch.__version__
     engines: list[EngineResult] = field(default_factory=list)
@@ -183,7 +184,7 @@ def benchmark(
     result = BenchResult(
         model=(snn.info.source.name if snn.info.source else type(snn.net).__name__), time_steps=snn.time_steps,
         device=str(device), precision=precision, channels_last=channels_last, compiled=compile,
-        cuda_graph=cuda_graph, img_size=list(input_size), param_count=sum(p.numel() for p in snn.net.parameters()),
+        cuda_graph=cuda_graph, input_size=list(input_size), img_size=int(input_size[-1]), param_count=sum(p.numel() for p in snn.net.parameters()),
     )
     for engine, module in _runners(snn, engines).items():
         if progress:

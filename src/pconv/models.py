@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,9 @@ def _create_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 def _call_factory(path: str, kwargs: dict[str, Any]) -> nn.Module:
     module_name, _, attr = path.partition(":")
+    # Like `python -m`, look in the working directory too: a user's factory usually lives next to them.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

@@ -80,6 +80,7 @@ def cli() -> None:
       pconv convert   MODEL --calib calib.safetensors -T 8 -o snn.safetensors
       pconv eval      snn.safetensors --data DIR
       pconv inspect   snn.safetensors
+      pconv bench     snn.safetensors --batch-size 64
       pconv demo      (EfficientNet-Lite0 on real ImageNet images, nothing to prepare)
 
     MODEL is a timm model name (weights from --checkpoint) or the import path of your own factory,
@@ -88,13 +89,14 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from .bench import bench
     from .calibrate import calibrate
     from .convert import convert
     from .demo import demo
     from .eval import eval_command
     from .inspect import inspect
 
-    for command in (calibrate, convert, eval_command, inspect, demo):
+    for command in (calibrate, convert, eval_command, inspect, bench, demo):
         cli.add_command(command)
 
 

@@ -1,0 +1,89 @@
+"""`pconv bench`: one SNN file timed four ways — the ANN, the serial IF baseline, the spike engine and the
+count engine — at a batch size and at batch 1, with peak memory and ratios against the ANN."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..benchmark import BENCH_ENGINES, PRECISIONS, BenchResult, benchmark
+from ..errors import ConfigError
+from ..export import load
+from .options import debug_option, device_option, json_option, resolve_device
+from .output import Output
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def render(console, result: BenchResult, title: str) -> None:
+    console.print(title, markup=False, style="bold")
+    table = Table()
+    for col in ("engine", "images/s", "ms/batch", "ms/image bs1", "peak MiB", "img/s vs ANN", "latency vs ANN"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    if any(e.top1_agreement_vs_fp32 is not None for e in result.engines):
+        table.add_column("top-1 agree fp32", justify="right")
+    for e in result.engines:
+        row = [e.engine, f"{e.samples_per_sec:.1f}", f"{e.step_time_ms:.2f}", f"{e.latency_ms:.2f}",
+               f"{e.peak_memory_mb:.1f}", _ratio(e.samples_per_sec_vs_ann), _ratio(e.latency_vs_ann)]
+        if e.top1_agreement_vs_fp32 is not None:
+            row.append(f"{e.top1_agreement_vs_fp32:.1f}%")
+        table.add_row(*row)
+    console.print(table)
+    console.print("serial = classic IF neurons, T sequential passes; spikes = T*B samples through every layer; "
+                  "counts = each neuron emits its time-mean (cost independent of T). Peak memory: tensor bytes "
+                  "alive during one batch forward.")
+
+
+@click.command("bench")
+@click.argument("snn_file", metavar="SNN_FILE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Batch size of the throughput run (latency is always measured at batch 1).")
+@click.option("--engines", default=",".join(BENCH_ENGINES), show_default=True,
+              help="Comma-separated subset of: " + ", ".join(BENCH_ENGINES) + ".")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
+              help="fp32, or bf16/fp16 autocast (top-1 agreement with fp32 is reported).")
+@click.option("--channels-last", is_flag=True, help="Run in channels-last memory format.")
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile every engine.")
+@click.option("--cuda-graph", is_flag=True, help="Replay every engine from a CUDA graph (CUDA only).")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed calls first.")
+@click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Timed calls at --batch-size (twice as many at batch 1).")
+@click.option("--spike-batch-limit", type=click.IntRange(min=1), default=None,
+              help="Most samples (T x images) per spike-domain pass; larger batches run in chunks.")
+@device_option
+@json_option
+@debug_option
+def bench(snn_file: Path, batch_size: int, engines: str, precision: str, channels_last: bool, use_compile: bool,
+          cuda_graph: bool, warmup: int, iters: int, spike_batch_limit: int | None, device: str,
+          as_json: bool) -> None:
+    """Time SNN_FILE against its source ANN: images/s, ms per image at batch 1, peak memory."""
+    out = Output(as_json)
+    dev = resolve_device(device)
+    snn = load(snn_file, device=dev)
+    chosen = tuple(e.strip() for e in engines.split(",") if e.strip())
+    if not chosen:
+        raise ConfigError("no engine chosen", "for example --engines ann,counts")
+    input_size = tuple(snn.info.data_config.get("input_size") or ())
+    if not input_size:
+        raise ConfigError(f"{snn_file} has no input size in its data config", "re-export it with pconv convert")
+    with out.progress() as progress:
+        tick = progress.stage("timing engines", len(chosen))
+        started = []
+
+        def on_engine(name: str) -> None:
+            if started:
+                tick()
+            started.append(name)
+
+        result = benchmark(snn, input_size, batch_size=batch_size, device=dev, engines=chosen, precision=precision,
+                           channels_last=channels_last, compile=use_compile, cuda_graph=cuda_graph, warmup=warmup,
+                           iters=iters, latency_iters=2 * iters, spike_batch_limit=spike_batch_limit,
+                           progress=on_engine)
+        tick()
+    doc = {"file": str(snn_file), **result.to_dict()}
+    title = f"{snn_file.name}: {result.model}, T={result.time_steps}, {dev}, {precision}, batch {batch_size}"
+    out.result(doc, lambda console: render(console, result, title))
