@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .sites import Site
 from .swap import swap_by_name
 
@@ -103,10 +104,15 @@ def record_activations(
     device = next(model.parameters()).device
     try:
         run_batches(model, batches, device, progress)
+        for obs in observers.values():  # under torch.distributed: the maxima over every rank's images
+            obs.max = distributed.reduce_max(obs.max)
+            obs.count = distributed.reduce_count(obs.count)
         if histograms:
             for obs in observers.values():
                 obs.stage = "hist"
             run_batches(model, batches, device, progress)
+            for obs in observers.values():  # histograms share bin edges, so they merge by addition
+                obs.hist = distributed.reduce_sum(obs.hist)
     finally:
         swap_by_name(model, {name: (lambda m, n: m.activation) for name in observers})
     return {name: obs.compute() for name, obs in observers.items()}
