@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .calibrate import CALIBRATIONS, calibration_passes
 from .errors import ConfigError, DataError
 from .models import ModelSource, source_of
@@ -157,7 +158,8 @@ def calibrate(
         params[T] = {name: SiteParams(m.theta.cpu(), m.delta_in.cpu(), m.delta_out.cpu())
                      for name, m in modules.items()}
     provenance = {
-        "num_images": sum(x.shape[0] for x in batches),
+        "num_images": distributed.reduce_count(sum(x.shape[0] for x in batches)),
+        "world_size": distributed.world_size(),
         "calibration_seconds": round(time.perf_counter() - started, 3),
         "torch_version": torch.__version__,
     }

@@ -1,0 +1,26 @@
+"""Worker of tests/test_distributed.py: one rank of a 2-process gloo group on the CPU."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import nets
+import pconv
+from pconv import distributed
+
+
+def images(n: int = 37, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def calibrate_shard(rank: int, world: int, rendezvous: str, out_dir: str, threshold: str, method: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        mine = images()[distributed.shard(range(37))]  # uneven: 19 and 18 images
+        batches = list(mine.split(7))  # and batches of different sizes
+        calibration = pconv.calibrate(nets.vgg_small(), batches, time_steps=[4, 8], threshold=threshold, method=method)
+        pconv.save_calibration(calibration, f"{out_dir}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
