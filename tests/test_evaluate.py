@@ -179,3 +179,13 @@ def test_labels_are_required_and_checked(snn, images):
         evaluate(snn, [])
     with pytest.raises(ConfigError):
         evaluate(snn, batches(images), engine="analog")
+
+
+def test_serial_steps_engine_matches_its_spike_engine(snn, images):
+    serial = snn.with_neuron("serial")
+    spikes = evaluate(serial, batches(images), sop_images=2, engine="spikes")
+    steps = evaluate(serial, batches(images), sop_images=2, engine="steps")
+    assert steps.engine == "steps"
+    assert steps.top1 == spikes.top1 and steps.sops == spikes.sops
+    assert [s.spikes_per_image for s in steps.sites] == pytest.approx([s.spikes_per_image for s in spikes.sites])
+    assert [layer.macs for layer in steps.layers] == [layer.macs for layer in spikes.layers]

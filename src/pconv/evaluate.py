@@ -165,7 +165,9 @@ def layer_costs(snn: SpikingNetwork, example: Tensor) -> list[LayerStats]:
     by_id = {id(m): name for name, m in modules.items()}
     layers: dict[str, LayerStats] = {}
     state = {"spiked": False}
-    images = example.shape[0] * (snn.time_steps if snn.engine == "spikes" else 1)
+    # The spike engine calls every layer once on T samples per image, whatever engine is selected.
+    previous = snn.engine
+    images = example.shape[0] * snn.time_steps
 
     def on_layer(module, inputs, output):
         name = by_id[id(module)]
@@ -180,12 +182,14 @@ def layer_costs(snn: SpikingNetwork, example: Tensor) -> list[LayerStats]:
 
     handles = [m.register_forward_hook(on_layer) for m in modules.values()]
     handles += [m.register_forward_hook(on_neuron) for m in snn.neurons().values()]
+    snn.set_engine("spikes")
     try:
         with torch.inference_mode():
             snn(example)
     finally:
         for h in handles:
             h.remove()
+        snn.set_engine(previous)
     return list(layers.values())
 
 

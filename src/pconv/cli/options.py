@@ -161,7 +161,8 @@ def neuron_option(default: str | None, help: str) -> Callable[[Callable], Callab
 
 def engine_option(f: Callable) -> Callable:
     return click.option("--engine", type=click.Choice(ENGINES), default=None,
-                        help="counts (default: cost independent of T) or spikes (T samples per image).")(f)
+                        help="counts (default; cost independent of T), spikes (T samples per image in one "
+                             "pass) or steps (T sequential passes; serial neurons only).")(f)
 
 
 def resolve_device(name: str) -> torch.device:
