@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .quantize import QCFS
 from .record import channels_last_2d
 from .registry import Registry
@@ -37,6 +38,11 @@ class _StopForward(Exception):
 
 def channel_sum(t: Tensor) -> Tensor:
     return channels_last_2d(t).double().sum(dim=1)
+
+
+def global_mean(total: Tensor, count: int) -> Tensor:
+    """Per-channel mean over every rank's calibration images (just total/count in one process)."""
+    return distributed.reduce_sum(total) / distributed.reduce_count(count)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -73,7 +79,7 @@ def reference_means(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequ
 
         module.tap = tap
     _run(reference, batches, progress, stop_early=False)
-    return {name: (sx / n, sy / n) for name, (sx, sy, n) in sums.items()}
+    return {name: (global_mean(sx, n), global_mean(sy, n)) for name, (sx, sy, n) in sums.items()}
 
 
 def _site_inputs_mean(model: nn.Module, module: QCFS, batches: Sequence[Tensor], progress: Progress,
@@ -93,7 +99,7 @@ def _site_inputs_mean(model: nn.Module, module: QCFS, batches: Sequence[Tensor],
         _run(model, batches, progress, stop_early=True)
     finally:
         module.tap = None
-    return acc[0] / acc[1]
+    return global_mean(acc[0], acc[1])
 
 
 def _site_outputs_mean(model: nn.Module, module: QCFS, batches: Sequence[Tensor], progress: Progress,
@@ -107,7 +113,7 @@ def _site_outputs_mean(model: nn.Module, module: QCFS, batches: Sequence[Tensor]
                 n += x.numel() // x.shape[1]
                 if progress:
                     progress()
-        return total / n
+        return global_mean(total, n)
     acc = [0.0, 0]
 
     def tap(x, y):
@@ -120,7 +126,7 @@ def _site_outputs_mean(model: nn.Module, module: QCFS, batches: Sequence[Tensor]
         _run(model, batches, progress, stop_early=True)
     finally:
         module.tap = None
-    return acc[0] / acc[1]
+    return global_mean(acc[0], acc[1])
 
 
 def _fits_in_cache(model: nn.Module, module: QCFS, batches: Sequence[Tensor]) -> bool:
