@@ -422,3 +422,34 @@ def test_debug_shows_the_exception(tmp_path):
     result = CliRunner().invoke(cli, ["convert", "resnet19", "--data", str(tmp_path), "-o", str(tmp_path / "o"),
                                       "--debug"])
     assert result.exit_code == 1 and isinstance(result.exception, pconv.ModelLoadError)
+
+
+def test_format_spec_is_enough_to_run_the_snn(snn_file, folders):
+    """docs/format.md, followed by hand: read the raw file, run the count form with plain torch functions."""
+    import torch.nn.functional as F
+    from safetensors import safe_open
+
+    with safe_open(str(snn_file), framework="pt") as f:
+        meta = f.metadata()
+        t = {name: f.get_tensor(name) for name in f.keys()}
+    assert meta["pconv.format"] == "pconv" and meta["pconv.format_version"] == "1" and meta["neuron"] == "parallel"
+    T = int(meta["time_steps"])
+    cfg = json.loads(meta["data_config"])
+    w = {k[len("weights."):]: v for k, v in t.items() if k.startswith("weights.")}
+
+    def neuron(x, site):
+        theta_in, bias, theta_out = (t[f"neurons.{site}.{leaf}"].view(1, -1, 1, 1)
+                                     for leaf in ("theta_in", "bias", "theta_out"))
+        k = torch.clamp(torch.floor((T * x + bias) / theta_in), 0, T)
+        return theta_out * k / T
+
+    def forward(x):  # TinyCNN, re-implemented from its weights and the spec
+        x = F.conv2d(x, w["conv1.weight"], w["conv1.bias"], padding=1)
+        x = F.batch_norm(x, w["bn1.running_mean"], w["bn1.running_var"], w["bn1.weight"], w["bn1.bias"], eps=1e-5)
+        x = F.max_pool2d(neuron(x, "relu1"), 2)
+        x = neuron(F.conv2d(x, w["conv2.weight"], w["conv2.bias"], padding=1), "act2")
+        return F.linear(x.mean(dim=(2, 3)), w["fc.weight"], w["fc.bias"])
+
+    x, _ = next(iter(image_loader(folders["test"], cfg, batch_size=18)))
+    with torch.inference_mode():
+        assert torch.allclose(forward(x), pconv.load(snn_file)(x), atol=1e-5)
