@@ -139,10 +139,10 @@ def _fits_in_cache(model: nn.Module, module: QCFS, batches: Sequence[Tensor]) ->
 
     module.tap = tap
     try:
-        _run(model, batches[:1], None, stop_early=True)
+        _run(model, [next(iter(batches))], None, stop_early=True)
     finally:
         module.tap = None
-    images = sum(x.shape[0] for x in batches)
+    images = getattr(batches, "num_images", None) or sum(x.shape[0] for x in batches)
     return bool(seen) and seen[0] * images <= CACHE_BYTES
 
 

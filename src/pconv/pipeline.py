@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .batches import ImageBatches, images_of
 from .calibrate import CALIBRATIONS, calibration_passes
 from .errors import ConfigError, DataError
 from .models import ModelSource, source_of
@@ -67,14 +68,6 @@ class Calibration:
         return sorted(self.params)
 
 
-def _images(item: Any) -> Tensor:
-    x = item[0] if isinstance(item, (tuple, list)) else item
-    if not isinstance(x, Tensor):
-        raise DataError(f"calibration batches must be tensors or (x, y) pairs, got {type(x).__name__}",
-                        "pass a DataLoader or a list of image tensors")
-    return x
-
-
 def first_batch(data: Tensor | Iterable) -> tuple[Tensor, Iterable]:
     """The first batch of images (for the refusal probe) and an iterable that still yields all of them."""
     if isinstance(data, Tensor):
@@ -84,30 +77,8 @@ def first_batch(data: Tensor | Iterable) -> tuple[Tensor, Iterable]:
         first = next(iterator)
     except StopIteration:
         raise DataError("no calibration images", "pass at least one batch of images") from None
-    return _images(first), itertools.chain([first], iterator)
-
-
-def as_batches(data: Tensor | Iterable, num_images: int | None = None) -> list[Tensor]:
-    """Calibration images as a list of [B, ...] tensors; labels, if any, are dropped."""
-    if isinstance(data, Tensor):
-        data = [data]
-    batches: list[Tensor] = []
-    seen = 0
-    for item in data:
-        x = _images(item)
-        if num_images is not None and seen + x.shape[0] > num_images:
-            x = x[: num_images - seen]
-        if x.shape[0]:
-            batches.append(x)
-            seen += x.shape[0]
-        if num_images is not None and seen >= num_images:
-            break
-    if not batches:
-        raise DataError("no calibration images", "pass at least one batch of images")
-    if num_images is not None and seen < num_images:
-        raise DataError(f"asked for {num_images} calibration images but only {seen} are available",
-                        "lower --num-images or add images")
-    return batches
+    rest = data if iterator is not data else itertools.chain([first], iterator)  # re-iterable: keep it so
+    return images_of(first), rest
 
 
 def data_config_of(model: nn.Module) -> dict[str, Any]:
@@ -144,7 +115,7 @@ def calibrate(
     # Refuse an unsupported network on one image, before reading the whole calibration set.
     first, data = first_batch(data)
     sites = find_sites(work, first[:1].to(device))
-    batches = as_batches(data, num_images)
+    batches = ImageBatches(data, num_images)
     passes = 2 if spec.needs_histogram else 1
     stats = record_activations(work, sites, batches, histograms=spec.needs_histogram, bins=bins,
                                progress=progress.stage("recording thresholds", passes * len(batches)))
@@ -158,7 +129,7 @@ def calibrate(
         params[T] = {name: SiteParams(m.theta.cpu(), m.delta_in.cpu(), m.delta_out.cpu())
                      for name, m in modules.items()}
     provenance = {
-        "num_images": distributed.reduce_count(sum(x.shape[0] for x in batches)),
+        "num_images": distributed.reduce_count(batches.num_images),
         "world_size": distributed.world_size(),
         "calibration_seconds": round(time.perf_counter() - started, 3),
         "torch_version": torch.__version__,
