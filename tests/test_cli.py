@@ -324,6 +324,9 @@ def test_unreadable_image(tmp_path, snn_file):
     assert "cannot read image" in line and "bad.png" in line
     line = error_line(run("eval", snn_file, "--data", folder, ok=False))
     assert "bad.png" in line
+    # raised in a DataLoader worker process: still one line naming the file
+    line = error_line(run("eval", snn_file, "--data", folder, "--workers", "1", ok=False))
+    assert "cannot read image" in line and "bad.png" in line and "Traceback" not in line
 
 
 @pytest.mark.parametrize("steps", ["0", "100000", "-3", "eight", "4,0"])

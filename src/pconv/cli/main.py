@@ -28,6 +28,15 @@ def _fail(message: str, hint: str = "") -> None:
     click.echo(f"Error: {_one_line(message)}" + (f" — {_one_line(hint)}" if hint else ""), err=True)
 
 
+def _worker_unwrapped(e: PconvError) -> tuple[str, str]:
+    """A DataLoader worker re-raises an error with the remote traceback as its message; keep its last line."""
+    if "Original Traceback" not in e.message:
+        return e.message, e.hint
+    last = e.message.strip().splitlines()[-1]
+    message, _, hint = last.partition(": ")[2].partition(" — ")
+    return message or last, hint
+
+
 class PconvGroup(click.Group):
     """A click group that maps exceptions from its commands to exit codes and one-line messages."""
 
@@ -44,7 +53,7 @@ class PconvGroup(click.Group):
         except PconvError as e:
             if ctx.meta.get(DEBUG_KEY):
                 raise
-            _fail(e.message, e.hint)
+            _fail(*_worker_unwrapped(e))
             ctx.exit(EXIT_FAILED)
         except MemoryError:
             if ctx.meta.get(DEBUG_KEY):

@@ -14,7 +14,7 @@ from ..data import image_dataset, resolve_config, subset
 from ..errors import ConfigError, DataError
 from ..neurons import ENGINES, NEURONS
 from ..pipeline import check_time_steps
-from ..thresholds import ThresholdSpec
+from ..thresholds import THRESHOLDS, ThresholdSpec
 
 DEBUG_KEY = "pconv.debug"
 #: Calibration subset when --num-images is not given: the whole folder, up to this many images.
@@ -146,7 +146,8 @@ def device_option(f: Callable) -> Callable:
 
 def threshold_option(f: Callable) -> Callable:
     return click.option("--threshold", type=Threshold(), default="max", show_default=True,
-                        help="Threshold method: max, percentile:Q (e.g. percentile:99.99) or mse.")(f)
+                        help=f"Threshold method: {', '.join(THRESHOLDS.names())}; percentile takes a value, "
+                             "e.g. percentile:99.99.")(f)
 
 
 def calibration_method_option(f: Callable) -> Callable:
