@@ -46,9 +46,9 @@ def demo(time_steps: list[int], device: str, as_json: bool) -> None:
             table.add_row(str(r.time_steps), pct(r.top1, 1), pct(r.ann_top1, 1), pct(r.top5, 1), pct(r.ann_top5, 1),
                           pct(r.top1_agreement, 1), f"{r.mean_firing_rate:.3f}")
         console.print(table)
-        console.print(f"Calibrated without labels on the same {result.num_images} images it is evaluated on "
-                      "(the only labelled ImageNet images on PyPI): this shows how faithfully the SNN follows the "
-                      "ANN, not an unbiased accuracy. Agreement = images where SNN and ANN predict the same class. "
+        console.print(f"Calibrated (without labels) on the same {result.num_images} images it is evaluated on, "
+                      "all the package ships: this shows how faithfully the SNN follows the ANN, not an unbiased "
+                      "accuracy. Agreement = images on which SNN and ANN predict the same class. "
                       f"Calibration {result.calibration_seconds:.0f} s, total {result.seconds:.0f} s.")
 
     out.result(doc, render)

@@ -13,7 +13,7 @@ from ..calibrate import CALIBRATIONS
 from ..data import image_dataset, resolve_config, subset
 from ..errors import ConfigError, DataError
 from ..neurons import ENGINES, NEURONS
-from ..pipeline import check_time_steps
+from ..pipeline import DEFAULT_CALIBRATION, DEFAULT_THRESHOLD, check_time_steps
 from ..thresholds import THRESHOLDS, ThresholdSpec
 
 DEBUG_KEY = "pconv.debug"
@@ -145,13 +145,14 @@ def device_option(f: Callable) -> Callable:
 
 
 def threshold_option(f: Callable) -> Callable:
-    return click.option("--threshold", type=Threshold(), default="max", show_default=True,
+    return click.option("--threshold", type=Threshold(), default=DEFAULT_THRESHOLD, show_default=True,
                         help=f"Threshold method: {', '.join(THRESHOLDS.names())}; percentile takes a value, "
                              "e.g. percentile:99.99.")(f)
 
 
 def calibration_method_option(f: Callable) -> Callable:
-    return click.option("--calibration", "method", type=click.Choice(CALIBRATIONS.names()), default="da",
+    return click.option("--calibration", "method", type=click.Choice(CALIBRATIONS.names()),
+                        default=DEFAULT_CALIBRATION,
                         show_default=True, help="Distribution-error calibration (da) or none (plain QCFS).")(f)
 
 
