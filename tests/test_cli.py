@@ -402,11 +402,20 @@ def test_calibration_file_is_not_an_snn(calib_file, folders):
     (["--calib", "CALIB", "--num-images", "3"], "--num-images"),
     (["--data", "DATA", "--threshold", "percentile:120"], "percentile"),
     (["--data", "DATA", "--threshold", "median"], "unknown threshold method"),
+    (["--calib", "CALIB"], "choose one with -T"),
 ])
 def test_usage_errors_exit_2(folders, calib_file, tmp_path, args, needle):
     args = [{"DATA": folders["calib"], "CALIB": calib_file}.get(a, a) for a in args]
     line = error_line(run("convert", TINY, *args, "-o", tmp_path / "o", ok=False), code=2)
     assert needle in line
+
+
+def test_engine_the_neuron_cannot_run(snn_file, folders):
+    line = error_line(run("eval", snn_file, "--data", folders["test"], "--engine", "steps", ok=False))
+    assert "parallel neuron cannot run in the 'steps' engine" in line
+    line = error_line(run("eval", snn_file, "--data", folders["test"], "--neuron", "serial", "--engine", "counts",
+                          ok=False))
+    assert "serial neuron cannot run in the 'counts' engine" in line and "spikes" in line
 
 
 def test_labels_outside_the_models_classes(snn_file, tmp_path):

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..errors import ConfigError
 from ..evaluate import DEFAULT_SOP_IMAGES, EvalResult, evaluate
 from ..export import load
 from ..format import read_header
@@ -93,9 +92,8 @@ def eval_command(snn_file: Path, data: Path, num_images: int | None, batch_size:
     snn = load(snn_file, device=dev)
     if neuron and neuron != snn.info.neuron:
         snn = snn.with_neuron(neuron)
-    if engine == "counts" and snn.engine != "counts":
-        raise ConfigError(f"the {snn.info.neuron} neuron runs only in the spike engine",
-                          "drop --engine counts (the spike engine is used)")
+    if engine:
+        snn.set_engine(engine)  # refuses an engine the neuron cannot run, naming those it can
     data_config = apply_overrides(snn.info.data_config, mean, std, input_size)
     loader = make_loader(data, data_config, batch_size, num_images, seed, workers)
     with out.progress() as progress:
