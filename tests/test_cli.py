@@ -465,3 +465,12 @@ def test_format_spec_is_enough_to_run_the_snn(snn_file, folders):
     x, _ = next(iter(image_loader(folders["test"], cfg, batch_size=18)))
     with torch.inference_mode():
         assert torch.allclose(forward(x), pconv.load(snn_file)(x), atol=1e-5)
+
+
+def test_calibration_from_the_api_without_fingerprint_warns(folders, tmp_path):
+    model = cli_models.tiny_cnn()
+    loader = image_loader(folders["calib"], pconv.pipeline.data_config_of(model), batch_size=64)
+    pconv.save_calibration(pconv.calibrate(model, loader, time_steps=[2]), tmp_path / "api.safetensors")
+    result = run("convert", TINY, "--calib", tmp_path / "api.safetensors", "-o", tmp_path / "s.safetensors", "--json")
+    assert json.loads(result.stdout)["time_steps"] == 2
+    assert "Warning:" in result.stderr and "fingerprint" in result.stderr

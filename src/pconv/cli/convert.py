@@ -87,6 +87,9 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
         if calib is not None:
             calibration = load_calibration(calib)
             check_calibration_fits(calibration, sites, weights_fingerprint(net), calib)
+            if not calibration.provenance.get("weights_sha256"):
+                out.warn(f"{calib} records no weights fingerprint, so pconv cannot check that it was made for "
+                         "these weights")
             if time_steps is None:
                 if len(calibration.time_steps) != 1:
                     raise click.UsageError(f"{calib} holds T = {', '.join(map(str, calibration.time_steps))}; "
