@@ -96,10 +96,9 @@ def test_efficientnet_lite0_imagenet_samples(root):
     assert doc["num_sites"] == 33 and doc["data_config"]["input_size"] == [3, 224, 224]
     result = run_json("eval", snn_file, "--data", test_dir, "--sop-images", "1", "--batch-size", "12")
     assert result["num_images"] == 24 and result["ann_top1"] >= 70.0
-    # 16 calibration images are few for ImageNet: the SNN must still follow the ANN on most held-out images
-    assert result["top1_agreement"] >= 40.0 and result["top5"] >= 50.0
-    relu6 = [s for s in result["sites"]]
-    assert all(0 <= s["firing_rate"] <= 1 for s in relu6)
+    # 16 calibration images are few for ImageNet; measured: agreement 70.8%, top-5 91.7% (ANN 95.8%)
+    assert result["top1_agreement"] >= 55.0 and result["top5"] >= 75.0
+    assert all(0 <= s["firing_rate"] <= 1 for s in result["sites"])
     assert_matches_library(result, snn_file, test_dir, 12, 1)
     info = run_json("inspect", snn_file)
     assert info["model"]["name"] == LITE0 and all(s["cap"] == 6.0 for s in info["sites"])

@@ -38,7 +38,8 @@ def render_result(console, result: EvalResult, title: str, layers: bool) -> None
     console.print(f"mean firing rate: {result.to_dict()['mean_firing_rate']:.4f} spikes per neuron per step")
     console.print("The SNN's MACs are the layers that see the analog image (direct encoding, computed once); "
                   "every other layer costs synaptic operations (SOPs), " +
-                  (f"counted over all {result.time_steps} steps on {result.sop_images} images."
+                  (f"counted over all {result.time_steps} steps on {result.sop_images} "
+                   f"image{'s' if result.sop_images != 1 else ''}."
                    if result.sop_images else "not counted (--sop-images 0)."))
     if not layers:
         return
