@@ -23,7 +23,6 @@ from pconv.cli.options import make_loader
 from pconv.data import image_loader
 from pconv.evaluate import evaluate
 from pconv.format import read_header
-from pconv.pipeline import build_snn
 
 import cli_models
 
