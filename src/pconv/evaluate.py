@@ -219,15 +219,15 @@ def count_sops(snn: SpikingNetwork, images: Tensor, layers: list[LayerStats], ch
 
     def pre_hook(module: nn.Module, inputs: tuple, name: str) -> None:
         x = inputs[0]
-        steps = x.view(T, x.shape[0] // T, *x.shape[1:])
+        steps = x.reshape(T, x.shape[0] // T, *x.shape[1:])
         counts = (steps != 0).sum(dim=0).to(x.dtype)  # [B, ...]: nonzero steps per input position
         events[name] += float(ones[name](counts).double().sum())
         nonzero[name] += float(counts.double().sum())
         positions[name] += counts.numel()
         if not graded[name]:
             # binary events carry one amplitude per channel: every nonzero value of a channel is the same
-            values = x.movedim(-1 if isinstance(module, nn.Linear) else 1, 0).reshape(x.shape[-1 if isinstance(
-                module, nn.Linear) else 1], -1)
+            channel_dim = -1 if isinstance(module, nn.Linear) else 1
+            values = x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
             mask = values != 0
             hi = torch.where(mask, values, torch.full_like(values, -float("inf"))).amax(dim=1)
             lo = torch.where(mask, values, torch.full_like(values, float("inf"))).amin(dim=1)
