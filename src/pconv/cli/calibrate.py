@@ -19,9 +19,10 @@ from ..models import create_model, weights_fingerprint
 from ..pipeline import Calibration, calibrate as run_calibrate, data_config_of
 from ..sites import Site, find_sites
 from .output import Output, RichProgress, human_bytes, key_value_table
-from .options import (DEFAULT_CALIBRATION_IMAGES, TimeStepsList, apply_overrides, calibration_method_option,
-                      debug_option, device_option, json_option, loader_options, make_loader, model_label,
-                      model_options, preprocessing_options, read_batches, resolve_device, threshold_option)
+from .options import (DEFAULT_CALIBRATION_IMAGES, FirstPassProgress, TimeStepsList, apply_overrides,
+                      calibration_method_option, debug_option, device_option, json_option, loader_options,
+                      make_loader, model_label, model_options, preprocessing_options, resolve_device,
+                      threshold_option)
 
 
 def load_model(spec: str, checkpoint: Path | None, num_classes: int | None, device: torch.device,
@@ -44,9 +45,8 @@ def calibrate_on_folder(model: nn.Module, data_config: dict[str, Any], data: Pat
     """Calibrate `model` on images of the folder `data`; provenance says where everything came from."""
     torch.manual_seed(seed)
     loader = make_loader(data, data_config, batch_size, num_images, seed, workers, cap=DEFAULT_CALIBRATION_IMAGES)
-    batches = read_batches(loader, progress)
-    calibration = run_calibrate(model, batches, time_steps=time_steps, threshold=threshold, method=method,
-                                progress=progress)
+    calibration = run_calibrate(model, FirstPassProgress(loader, progress), time_steps=time_steps,
+                                threshold=threshold, method=method, progress=progress)
     calibration.data_config = dict(data_config)
     calibration.provenance.update({
         "data": str(data),

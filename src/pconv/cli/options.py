@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from ..calibrate import CALIBRATIONS
 from ..data import image_dataset, resolve_config, subset
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..neurons import ENGINES, NEURONS
 from ..pipeline import DEFAULT_CALIBRATION, DEFAULT_THRESHOLD, check_time_steps
 from ..thresholds import THRESHOLDS, ThresholdSpec
@@ -219,16 +219,25 @@ def make_loader(root: Path, data_config: dict[str, Any], batch_size: int, num_im
                       pin_memory=False, persistent_workers=False)
 
 
-def read_batches(loader: DataLoader, progress) -> list[torch.Tensor]:
-    """Decode every image of `loader` once (labels dropped): calibration passes over them many times."""
-    advance = progress.stage("reading images", len(loader))
-    batches = []
-    for x, _ in loader:
-        batches.append(x)
-        advance()
-    if not batches:
-        raise DataError("no images to calibrate on", "pass a folder with images")
-    return batches
+class FirstPassProgress:
+    """A re-iterable view of a loader whose first pass (decoding every image) is shown as a progress stage;
+    calibration keeps the decoded images while they fit its memory budget, else reads the loader again."""
+
+    def __init__(self, loader: DataLoader, progress):
+        self.loader = loader
+        self.progress = progress
+        self._first = True
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        advance = self.progress.stage("reading images", len(self.loader)) if self._first else None
+        self._first = False
+        for item in self.loader:
+            yield item
+            if advance is not None:
+                advance()
 
 
 def check_not_given(ctx: click.Context, names: list[str], reason: str) -> None:
