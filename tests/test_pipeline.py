@@ -317,3 +317,13 @@ def test_calibration_streams_past_the_image_budget(monkeypatch):
         assert torch.equal(streamed.params[4][name].theta, p.theta)
         assert torch.allclose(streamed.params[4][name].delta_in, p.delta_in, atol=1e-6)
     assert held.provenance["num_images"] == 24
+
+
+def test_saved_file_has_the_usual_permissions(tmp_path):
+    import os
+
+    snn = pconv.convert(nets.vgg_small(), calib_batches(n=1), time_steps=4)
+    path = pconv.save(snn, tmp_path / "snn.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

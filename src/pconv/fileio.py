@@ -13,7 +13,7 @@ from .errors import OutputExistsError, PconvError
 def check_output(path: str | Path, force: bool) -> Path:
     path = Path(path)
     if path.exists() and not force:
-        raise OutputExistsError(f"{str(path)!r} already exists", "pass --force (force=True) to overwrite it")
+        raise OutputExistsError(f"{str(path)!r} already exists", "pass --force (force=True in Python) to overwrite it")
     if not path.parent.exists():
         raise PconvError(f"folder {str(path.parent)!r} does not exist", "create it first")
     return path
@@ -24,6 +24,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None], force: bool = F
     path = check_output(path, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    # mkstemp creates the file private (0600); give it the mode a plain open() would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
