@@ -24,12 +24,13 @@ def atomic_write(path: str | Path, write: Callable[[str], None], force: bool = F
     path = check_output(path, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    # mkstemp creates the file private (0600); give it the mode a plain open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
+        # mkstemp (and writers that replace the file) leave it private (0600); give it the mode a plain
+        # open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
