@@ -189,3 +189,17 @@ def test_serial_steps_engine_matches_its_spike_engine(snn, images):
     assert steps.top1 == spikes.top1 and steps.sops == spikes.sops
     assert [s.spikes_per_image for s in steps.sites] == pytest.approx([s.spikes_per_image for s in spikes.sites])
     assert [layer.macs for layer in steps.layers] == [layer.macs for layer in spikes.layers]
+
+
+def test_per_step_accuracy_curve_in_the_spike_engines(snn, images):
+    x, y = images
+    assert evaluate(snn, batches(images), engine="counts", sop_images=0, ann=False).step_top1 is None
+    result = evaluate(snn, batches(images), engine="spikes", sop_images=0, ann=False)
+    with torch.inference_mode():
+        steps = snn.set_engine("spikes").forward_steps(x)
+    snn.set_engine("counts")
+    expected = [100 * float((steps[:t].mean(0).argmax(1) == y).float().mean()) for t in range(1, T + 1)]
+    assert result.step_top1 == pytest.approx(expected)
+    assert len(result.step_top1) == T
+    serial = evaluate(snn.with_neuron("serial"), batches(images), engine="steps", sop_images=0, ann=False)
+    assert len(serial.step_top1) == T

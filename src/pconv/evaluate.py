@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .errors import ConfigError, DataError
 from .neurons import ENGINES
 from .progress import NoProgress, Progress
@@ -84,6 +85,8 @@ class EvalResult:
     ann_samples_per_sec: float | None
     ann_step_time_ms: float | None
     sop_images: int  # images SOPs were counted on (0: not measured)
+    # top-1 of the cumulative output after t = 1..T steps (spike and step engines; None in the count engine)
+    step_top1: list[float] | None = None
     sites: list[SiteStats] = field(default_factory=list)
     layers: list[LayerStats] = field(default_factory=list)
 
@@ -122,6 +125,8 @@ class EvalResult:
         d["sops_per_mac"] = None if self.sops is None or not spike_macs else _round(self.sops / spike_macs, 6)
         for key in ("top1", "top5", "ann_top1", "ann_top5", "top1_agreement"):
             d[key] = None if d[key] is None else _round(d[key])
+        if d["step_top1"] is not None:
+            d["step_top1"] = [_round(a) for a in d["step_top1"]]
         for key in ("samples_per_sec", "step_time_ms", "ann_samples_per_sec", "ann_step_time_ms"):
             d[key] = None if d[key] is None else _round(d[key], 3)
         for s in d["sites"]:
@@ -321,6 +326,7 @@ def evaluate(
         return hook
 
     n = correct1 = correct5 = ann1 = ann5 = agree = batches = 0
+    step_correct = torch.zeros(snn.time_steps, dtype=torch.float64, device=device)
     snn_time = ann_time = 0.0
     num_classes = None
     kept: list[Tensor] = []
@@ -344,9 +350,16 @@ def evaluate(
                         neuron.count_hook = make_hook(name)
                 _sync(device)
                 start = time.perf_counter()
-                out = snn(x)
+                if engine == "counts":
+                    out = snn(x)
+                else:  # per-step outputs come at no extra cost
+                    steps = snn.forward_steps(x)
+                    out = steps.mean(dim=0)
                 _sync(device)
                 snn_time += time.perf_counter() - start
+                if engine != "counts":
+                    cumulative = steps.cumsum(dim=0).argmax(dim=2)  # argmax of the running sum = of the mean
+                    step_correct += (cumulative == y.unsqueeze(0)).sum(dim=1).double()
                 if num_classes is None:
                     num_classes = out.shape[1]
                     k = min(5, num_classes)
@@ -377,6 +390,13 @@ def evaluate(
     finally:
         for neuron in neurons.values():
             neuron.count_hook = None
+    # Under torch.distributed every rank saw its own shard: add up the counts (timings stay per rank).
+    counts = distributed.reduce_sum(torch.tensor([n, correct1, correct5, ann1, ann5, agree], dtype=torch.float64))
+    n, correct1, correct5, ann1, ann5, agree = (int(v) for v in counts.tolist())
+    step_correct = distributed.reduce_sum(step_correct)
+    for name in neurons:
+        spike_sums[name] = distributed.reduce_sum(spike_sums[name])
+        neuron_positions[name] = distributed.reduce_count(neuron_positions[name])
     if n == 0:
         raise DataError("no images to evaluate", "pass a non-empty folder")
 
@@ -398,6 +418,7 @@ def evaluate(
         num_images=n, batch_size=batch_size, time_steps=snn.time_steps, neuron=snn.info.neuron, engine=engine,
         device=str(device), param_count=sum(p.numel() for p in snn.net.parameters()),
         top1=100.0 * correct1 / n, top5=100.0 * correct5 / n, topk=k,
+        step_top1=None if engine == "counts" else (100.0 * step_correct / n).tolist(),
         ann_top1=100.0 * ann1 / n if ann_model is not None else None,
         ann_top5=100.0 * ann5 / n if ann_model is not None else None,
         top1_agreement=100.0 * agree / n if ann_model is not None else None,

@@ -36,6 +36,9 @@ def render_result(console, result: EvalResult, title: str, layers: bool) -> None
                       f"(batch {result.batch_size}, {result.neuron} neurons, {result.engine} engine, "
                       f"{result.device})")
     console.print(f"mean firing rate: {result.to_dict()['mean_firing_rate']:.4f} spikes per neuron per step")
+    if result.step_top1 is not None:
+        curve = ", ".join(f"{t}: {a:.1f}" for t, a in enumerate(result.step_top1, start=1))
+        console.print(f"top-1 of the output accumulated over the first t steps (t: %): {curve}")
     console.print("The SNN's MACs are the layers that see the analog image (direct encoding, computed once); "
                   "every other layer costs synaptic operations (SOPs), " +
                   (f"counted over all {result.time_steps} steps on {result.sop_images} "
