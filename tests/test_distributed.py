@@ -32,3 +32,53 @@ def test_two_ranks_equal_one_process(tmp_path, threshold, method):
                 assert torch.allclose(q.delta_out, p.delta_out, atol=1e-6, rtol=0), (T, name)
             # Every rank ends with identical parameters.
             assert torch.equal(ranks[0].params[T][name].delta_in, ranks[1].params[T][name].delta_in)
+
+
+def torchrun(tmp_path, *args):
+    """`torchrun --nproc-per-node 2 -m pconv ...` on the CPU (gloo); returns the completed process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "PCONV_BACKEND": "gloo", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "pconv", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def test_torchrun_cli_equals_single_process(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    import cli_models
+    from pconv.cli.main import cli
+
+    calib_dir = cli_models.write_random_folder(tmp_path / "calib", per_class=5, seed=1)  # 15 images: 8 + 7
+    test_dir = cli_models.write_random_folder(tmp_path / "test", per_class=7, seed=2)  # 21 images: 11 + 10
+    model = "cli_models:tiny_cnn"
+    two = torchrun(tmp_path, "convert", model, "--data", calib_dir, "-T", "4", "-b", "4", "--threshold",
+                   "percentile:99", "-o", tmp_path / "two.safetensors", "--json")
+    assert two.returncode == 0, two.stderr
+    assert json.loads(two.stdout)["calibrated_on"].startswith("15 images")  # exactly one JSON document
+    runner = CliRunner()
+    one = runner.invoke(cli, ["convert", model, "--data", str(calib_dir), "-T", "4", "-b", "4", "--threshold",
+                              "percentile:99", "-o", str(tmp_path / "one.safetensors"), "--json"])
+    assert one.exit_code == 0, one.stderr
+    a, b = pconv.load(tmp_path / "one.safetensors"), pconv.load(tmp_path / "two.safetensors")
+    for name, neuron in a.neurons().items():
+        other = b.neurons()[name]
+        assert torch.equal(neuron.theta_in, other.theta_in)
+        assert torch.allclose(neuron.bias, other.bias, atol=1e-5, rtol=0)
+        assert torch.allclose(neuron.theta_out, other.theta_out, atol=1e-5, rtol=0)
+
+    ev2 = torchrun(tmp_path, "eval", tmp_path / "one.safetensors", "--data", test_dir, "-b", "4", "--json")
+    assert ev2.returncode == 0, ev2.stderr
+    ev1 = runner.invoke(cli, ["eval", str(tmp_path / "one.safetensors"), "--data", str(test_dir), "-b", "4", "--json"])
+    d1, d2 = json.loads(ev1.stdout), json.loads(ev2.stdout)
+    for key in ("num_images", "top1", "top5", "ann_top1", "ann_top5", "top1_agreement", "mean_firing_rate"):
+        assert d1[key] == pytest.approx(d2[key], abs=1e-6), key
+    assert d2["num_images"] == 21

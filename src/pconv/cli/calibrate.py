@@ -13,6 +13,7 @@ import click
 import torch
 from torch import nn
 
+from .. import distributed
 from ..export import save_calibration
 from ..fileio import check_output
 from ..models import create_model, weights_fingerprint
@@ -93,7 +94,8 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
         calibration = calibrate_on_folder(net, data_config, data, time_steps, threshold, method, num_images,
                                           batch_size, seed, workers, progress,
                                           {"checkpoint": checkpoint.name if checkpoint else None})
-        path = save_calibration(calibration, output, force=force)
+        path = save_calibration(calibration, output, force=force) if distributed.is_main() else output
+        distributed.barrier()  # rank 0 has written the file before any rank reads it
     doc = {
         "output": str(path),
         "bytes": path.stat().st_size,

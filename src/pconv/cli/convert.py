@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
+from .. import distributed
 from ..export import load_calibration, save
 from ..fileio import check_output
 from ..models import weights_fingerprint
@@ -105,7 +106,8 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
             source = f"{calibration.provenance.get('num_images')} images from {data} (seed {seed})"
         snn = build_snn(net, calibration, time_steps, neuron)
         snn.info.source = net.pconv_source  # how this model was built, whatever the calibration recorded
-        path = save(snn.to("cpu"), output, force=force)
+        path = save(snn.to("cpu"), output, force=force) if distributed.is_main() else output
+        distributed.barrier()  # rank 0 has written the file before any rank reads it
     neurons_per_site = {s.name: s.channels for s in snn.info.sites}
     doc = {
         "output": str(path),

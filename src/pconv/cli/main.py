@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from .. import distributed
 from ..errors import PconvError
 from ..version import __version__
 from .options import DEBUG_KEY, debug_option
@@ -113,8 +114,13 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point (`pconv`) and `python -m pconv`."""
-    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="pconv")
+    """Console-script entry point (`pconv`) and `python -m pconv` (also under torchrun)."""
+    started = distributed.init_from_environment()
+    try:
+        cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="pconv")
+    finally:
+        if started:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ from typing import Any, Callable
 
 import click
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..calibrate import CALIBRATIONS
 from ..data import image_dataset, resolve_config, subset
+from .. import distributed
 from ..errors import ConfigError
 from ..neurons import ENGINES, NEURONS
 from ..pipeline import DEFAULT_CALIBRATION, DEFAULT_THRESHOLD, check_time_steps
@@ -215,6 +216,8 @@ def make_loader(root: Path, data_config: dict[str, Any], batch_size: int, num_im
     if num_images is None and cap is not None and len(dataset) > cap:
         num_images = cap
     dataset = subset(dataset, num_images, seed)
+    if distributed.active():  # each rank reads its own shard; statistics are reduced across ranks
+        dataset = Subset(dataset, distributed.shard(range(len(dataset))))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       pin_memory=False, persistent_workers=False)
 

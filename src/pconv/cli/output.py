@@ -16,6 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
+from .. import distributed
+
 #: Width used when stdout is not a terminal, so piped tables do not wrap at 80 columns.
 PIPE_WIDTH = 120
 
@@ -67,21 +69,28 @@ class Output:
         self.as_json = as_json
         self.out = _console(stderr=False)
         self.err = _console(stderr=True)
+        # Under torchrun only rank 0 speaks: one table or JSON document, one progress bar.
+        self.silent = not distributed.is_main()
 
     def progress(self) -> RichProgress:
-        enabled = not self.as_json and self.err.is_terminal and not os.environ.get("PCONV_NO_PROGRESS")
+        enabled = (not self.as_json and self.err.is_terminal and not os.environ.get("PCONV_NO_PROGRESS")
+                   and not self.silent)
         return RichProgress(self.err, enabled)
 
     def note(self, text: str) -> None:
         """A message for a human (stderr; never pollutes stdout or the JSON document)."""
-        if not self.as_json:
+        if not self.as_json and not self.silent:
             self.err.print(text, markup=False, highlight=False)
 
     def warn(self, text: str) -> None:
+        if self.silent:
+            return
         self.err.print(f"Warning: {text}", markup=False, highlight=False, style="yellow")
 
     def result(self, document: dict[str, Any], render: Callable[[Console], None]) -> None:
         """Exactly one JSON document with --json, else the human rendering."""
+        if self.silent:
+            return
         if self.as_json:
             click.echo(json.dumps(document, indent=2, allow_nan=False))
         elif self.out.is_terminal:
