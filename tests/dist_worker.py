@@ -14,12 +14,17 @@ def images(n: int = 37, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+def shard_batches(rank: int, world: int) -> list[torch.Tensor]:
+    """Rank `rank`'s images (uneven shards: 19 and 18) in batches of different sizes."""
+    return list(images()[list(range(37))[rank::world]].split(7))
+
+
 def calibrate_shard(rank: int, world: int, rendezvous: str, out_dir: str, threshold: str, method: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        mine = images()[distributed.shard(range(37))]  # uneven: 19 and 18 images
-        batches = list(mine.split(7))  # and batches of different sizes
+        assert distributed.shard(range(37)) == list(range(37))[rank::world]
+        batches = shard_batches(rank, world)
         calibration = pconv.calibrate(nets.vgg_small(), batches, time_steps=[4, 8], threshold=threshold, method=method)
         pconv.save_calibration(calibration, f"{out_dir}/rank{rank}.safetensors")
     finally:
