@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--engines", default=",".join(BENCH_ENGINES))
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--cuda-graph", action="store_true")
@@ -48,7 +50,7 @@ def main() -> None:
         result = benchmark(snn, size, batch_size=args.batch_size, device=args.device,
                            engines=tuple(args.engines.split(",")), precision=args.precision,
                            channels_last=args.channels_last, cuda_graph=args.cuda_graph, compile=args.compile,
-                           iters=args.iters, latency_iters=2 * args.iters)
+                           warmup=args.warmup, rounds=args.rounds, iters=args.iters, latency_iters=2 * args.iters)
         runs.append(result.to_dict())
         for e in result.engines:
             print(f"T={T:3d} {e.engine:7s} {e.samples_per_sec:9.1f} img/s  batch {e.step_time_ms:9.1f} ms  "

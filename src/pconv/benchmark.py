@@ -2,12 +2,13 @@
 spike-domain engine (T*B samples per layer) and the count-domain engine (cost independent of T).
 
 Timing follows timm's benchmark: warm-up calls, then synchronised `perf_counter` around a fixed number
-of calls. Peak memory is the high-water mark of tensor bytes alive during one forward pass, counted at
+of calls; the engines take turns over a few rounds and each reports its median round. Peak memory is the high-water mark of tensor bytes alive during one forward pass, counted at
 the dispatcher (so it works on CPU and GPU alike); on CUDA the allocator's own peak is reported too.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,7 @@ class BenchResult:
     input_size: list[int]
     img_size: int
     param_count: int
+    rounds: int = 1
     torch_version: str = torch.__version__
     engines: list[EngineResult] = field(default_factory=list)
 
@@ -156,12 +158,15 @@ def benchmark(
     warmup: int = 3,
     iters: int = 10,
     latency_iters: int = 20,
+    rounds: int = 3,
     images: Tensor | None = None,
     spike_batch_limit: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
-    """Time every engine at `batch_size` and at batch 1 on the same input."""
+    """Time every engine at `batch_size` and at batch 1 on the same input (median of `rounds` rounds)."""
     device = torch.device(device)
+    if rounds < 1:
+        raise ConfigError(f"rounds must be at least 1, got {rounds}", "for example --rounds 3")
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}", "for example --batch-size 64")
     unknown = [e for e in engines if e not in BENCH_ENGINES]
@@ -184,11 +189,11 @@ def benchmark(
     result = BenchResult(
         model=(snn.info.source.name if snn.info.source else type(snn.net).__name__), time_steps=snn.time_steps,
         device=str(device), precision=precision, channels_last=channels_last, compiled=compile,
-        cuda_graph=cuda_graph, input_size=list(input_size), img_size=int(input_size[-1]), param_count=sum(p.numel() for p in snn.net.parameters()),
+        cuda_graph=cuda_graph, input_size=list(input_size), img_size=int(input_size[-1]),
+        param_count=sum(p.numel() for p in snn.net.parameters()), rounds=rounds,
     )
+    prepared = []
     for engine, module in _runners(snn, engines).items():
-        if progress:
-            progress(engine)
         module = module.to(device).to(memory_format=memory_format).eval()
         if isinstance(module, SpikingNetwork):
             module.spike_batch_limit = spike_batch_limit
@@ -202,8 +207,22 @@ def benchmark(
         fn = torch.compile(plain) if compile else plain
         batch_fn = _cuda_graphed(fn, x) if cuda_graph else fn
         one_fn = _cuda_graphed(fn, one) if cuda_graph else fn
-        step = time_calls(batch_fn, x, warmup, iters)
-        latency = time_calls(one_fn, one, warmup, latency_iters)
+        prepared.append((engine, module, plain, batch_fn, one_fn))
+
+    # Engines take turns for `rounds` rounds and each keeps its median: a burst of load on a shared machine
+    # then spoils one round of every engine instead of all rounds of one engine.
+    steps: dict[str, list[float]] = {engine: [] for engine, *_ in prepared}
+    latencies: dict[str, list[float]] = {engine: [] for engine, *_ in prepared}
+    for round_index in range(rounds):
+        for engine, module, plain, batch_fn, one_fn in prepared:
+            if progress and round_index == 0:
+                progress(engine)
+            steps[engine].append(time_calls(batch_fn, x, warmup if round_index == 0 else 1, iters))
+            latencies[engine].append(time_calls(one_fn, one, warmup if round_index == 0 else 1, latency_iters))
+
+    for engine, module, plain, batch_fn, one_fn in prepared:
+        step = statistics.median(steps[engine])
+        latency = statistics.median(latencies[engine])
         cuda_peak = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

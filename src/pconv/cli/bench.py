@@ -52,13 +52,15 @@ def render(console, result: BenchResult, title: str) -> None:
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed calls first.")
 @click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True,
               help="Timed calls at --batch-size (twice as many at batch 1).")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Engines take turns this many times; each reports its median round.")
 @click.option("--spike-batch-limit", type=click.IntRange(min=1), default=None,
               help="Most samples (T x images) per spike-domain pass; larger batches run in chunks.")
 @device_option
 @json_option
 @debug_option
 def bench(snn_file: Path, batch_size: int, engines: str, precision: str, channels_last: bool, use_compile: bool,
-          cuda_graph: bool, warmup: int, iters: int, spike_batch_limit: int | None, device: str,
+          cuda_graph: bool, warmup: int, iters: int, rounds: int, spike_batch_limit: int | None, device: str,
           as_json: bool) -> None:
     """Time SNN_FILE against its source ANN: images/s, ms per image at batch 1, peak memory."""
     out = Output(as_json)
@@ -81,7 +83,7 @@ def bench(snn_file: Path, batch_size: int, engines: str, precision: str, channel
 
         result = benchmark(snn, input_size, batch_size=batch_size, device=dev, engines=chosen, precision=precision,
                            channels_last=channels_last, compile=use_compile, cuda_graph=cuda_graph, warmup=warmup,
-                           iters=iters, latency_iters=2 * iters, spike_batch_limit=spike_batch_limit,
+                           iters=iters, latency_iters=2 * iters, rounds=rounds, spike_batch_limit=spike_batch_limit,
                            progress=on_engine)
         tick()
     doc = {"file": str(snn_file), **result.to_dict()}
