@@ -193,7 +193,7 @@ def test_eval_human_output(snn_file, folders):
 def test_inspect_snn_and_calibration(snn_file, calib_file):
     doc = run_json("inspect", snn_file)
     assert doc["kind"] == "snn" and doc["time_steps"] == 4 and doc["neuron"] == "parallel"
-    assert doc["model"]["name"] == TINY and doc["format_version"] == 1
+    assert doc["model"]["name"] == TINY and doc["format_version"] == 2
     snn = pconv.load(snn_file)
     for site in doc["sites"]:
         theta = snn.neurons()[site["name"]].theta_in
@@ -443,7 +443,7 @@ def test_format_spec_is_enough_to_run_the_snn(snn_file, folders):
     with safe_open(str(snn_file), framework="pt") as f:
         meta = f.metadata()
         t = {name: f.get_tensor(name) for name in f.keys()}
-    assert meta["pconv.format"] == "pconv" and meta["pconv.format_version"] == "1" and meta["neuron"] == "parallel"
+    assert meta["pconv.format"] == "pconv" and meta["pconv.format_version"] == "2" and meta["neuron"] == "parallel"
     T = int(meta["time_steps"])
     cfg = json.loads(meta["data_config"])
     w = {k[len("weights."):]: v for k, v in t.items() if k.startswith("weights.")}

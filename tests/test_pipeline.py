@@ -7,6 +7,7 @@ import torch
 
 import nets
 import pconv
+from pconv.models import replace_weights
 from pconv import ConfigError, DataError, OutputExistsError
 from pconv.calibrate import CALIBRATIONS
 from pconv.quantize import quantize
@@ -24,8 +25,10 @@ def calib_batches(n=3, b=8, seed=0, size=32):
 
 
 def qcfs_network(model, calibration, T):
-    """The DA-QCFS network built independently of the SNN: the same thresholds and shifts in QCFS modules."""
+    """The DA-QCFS network built independently of the SNN: the same thresholds and shifts in QCFS modules,
+    and the same refitted layers."""
     qnet = copy.deepcopy(model)
+    replace_weights(qnet, calibration.weights.get(T, {}))
     params = calibration.params[T]
     modules = quantize(qnet, calibration.sites, {n: p.theta for n, p in params.items()}, T)
     for name, module in modules.items():

@@ -18,8 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .fit import fit_sites
 from .quantize import QCFS
 from .record import channels_last_2d
+from .refit import refit_layers
 from .registry import Registry
 
 Progress = Callable[[], None] | None
@@ -170,6 +172,24 @@ def distribution_aware(model: nn.Module, modules: Mapping[str, QCFS], batches: S
         module.delta_out.copy_(torch.maximum(delta_out, floor))
 
 
-def calibration_passes(method: str, n_sites: int) -> int:
-    """Number of passes over the calibration set a method makes (for progress bars)."""
-    return 0 if method == "none" else 1 + 2 * n_sites
+@CALIBRATIONS.register("fit")
+def fit_to_ann(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor],
+               progress: Progress = None) -> dict:
+    """pconv's: per-channel threshold, rounding shift and amplitude fitted to the ANN, layer by layer."""
+    return fit_sites(model, modules, batches, progress)
+
+
+@CALIBRATIONS.register("refit")
+def refit_to_ann(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor],
+                 progress: Progress = None) -> dict:
+    """pconv's default: `fit`, plus every conv/linear layer refitted to the ANN by least squares."""
+    return refit_layers(model, modules, batches, progress)
+
+
+def calibration_ticks(method: str, n_sites: int, n_batches: int) -> int:
+    """How many times a method calls its progress callback (for progress bars)."""
+    if method == "none":
+        return 0
+    if method in ("fit", "refit"):
+        return n_sites  # one paired pass, one tick per site reached
+    return (1 + 2 * n_sites) * n_batches  # one pass over the batches per tick

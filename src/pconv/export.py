@@ -13,8 +13,10 @@ from torch import Tensor, nn
 
 from .errors import FormatError, PconvError
 from .fileio import atomic_write
-from .format import CALIBRATION_TENSORS, FORMAT_NAME, FORMAT_VERSION, NEURON_TENSORS, Header, read_header
-from .models import ModelSource, load_weights
+from .format import (CALIBRATION_TENSORS, FORMAT_NAME, FORMAT_VERSION, NEURON_TENSORS, REFIT_PREFIX, ANN_PREFIX,
+                     Header,
+                     read_header)
+from .models import ModelSource, add_missing_biases, load_weights
 from .neurons import NEURONS
 from .pipeline import Calibration, SiteParams, build_snn
 from .sites import Site
@@ -63,6 +65,9 @@ def save(snn: SpikingNetwork, path: str | Path, force: bool = False) -> Path:
     for name, neuron in snn.neurons().items():
         for leaf in NEURON_TENSORS:
             tensors[f"neurons.{name}.{leaf}"] = _portable(getattr(neuron, leaf))
+    for key, value in snn.ann_weights.items():  # the ANN's own values of refitted entries
+        if value is not None:
+            tensors[f"{ANN_PREFIX}{key}"] = _portable(value)
     metadata = {**_base_metadata("snn"), **info_to_json(info)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), force)
 
@@ -108,6 +113,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SpikingNetwork
     _check_shapes(tensors, sites, "neurons.", NEURON_TENSORS)
     weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
     model = source.build().eval()
+    pristine = set(model.state_dict())
+    add_missing_biases(model, weights)
     load_weights(model, weights, f"the weights in {str(path)!r}")
     model.pconv_source = source
     model.to(device)
@@ -121,6 +128,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SpikingNetwork
     for name, module in snn.neurons().items():
         for leaf in NEURON_TENSORS:
             getattr(module, leaf).copy_(tensors[f"neurons.{name}.{leaf}"])
+    snn.ann_weights = {key: None for key in weights if key not in pristine}  # entries a refit added
+    snn.ann_weights.update({k[len(ANN_PREFIX):]: v.to(device) for k, v in tensors.items() if k.startswith(ANN_PREFIX)})
     return snn
 
 
@@ -131,6 +140,9 @@ def save_calibration(calibration: Calibration, path: str | Path, force: bool = F
         for name, p in params.items():
             for leaf in CALIBRATION_TENSORS:
                 tensors[f"T{T}.{name}.{leaf}"] = _portable(getattr(p, leaf))
+    for T, state in calibration.weights.items():
+        for key, value in state.items():
+            tensors[f"{REFIT_PREFIX}T{T}.{key}"] = _portable(value)
     for name, value in calibration.channel_max.items():
         tensors[f"stats.{name}.max"] = _portable(value)
     metadata = {
@@ -159,8 +171,15 @@ def load_calibration(path: str | Path) -> Calibration:
         _check_shapes(tensors, sites, f"T{T}.", CALIBRATION_TENSORS)
         params[int(T)] = {s.name: SiteParams(*(tensors[f"T{T}.{s.name}.{leaf}"] for leaf in CALIBRATION_TENSORS))
                           for s in sites}
+    weights: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(REFIT_PREFIX):
+            step, _, state_key = key[len(REFIT_PREFIX):].partition(".")
+            if not step.startswith("T") or not step[1:].isdigit() or int(step[1:]) not in params or not state_key:
+                raise FormatError(f"tensor {key!r} names no calibrated T", "the file is corrupt")
+            weights.setdefault(int(step[1:]), {})[state_key] = value
     meta = header.metadata
     source = ModelSource.from_json(meta["model"]) if meta.get("model") else None
     channel_max = {s.name: tensors[f"stats.{s.name}.max"] for s in sites if f"stats.{s.name}.max" in tensors}
     return Calibration(sites, meta["threshold"], meta["calibration"], params, channel_max, source,
-                       header.json("data_config"), header.json("provenance"))
+                       header.json("data_config"), header.json("provenance"), weights)

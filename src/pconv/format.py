@@ -1,7 +1,9 @@
 """The pconv file format (see docs/format.md): one safetensors file, str->str metadata, flat tensor names.
 
-kind "snn":         weights.<state-dict key>, neurons.<site>.{theta_in,bias,theta_out}
-kind "calibration": T<t>.<site>.{theta,delta_in,delta_out}, stats.<site>.max
+kind "snn":         weights.<state-dict key>, neurons.<site>.{theta_in,bias,theta_out},
+                    ann.<state-dict key> (the ANN's values of entries a layer refit replaced; version 2)
+kind "calibration": T<t>.<site>.{theta,delta_in,delta_out}, stats.<site>.max,
+                    refit.T<t>.<state-dict key> (layers a method refitted at that T; version 2)
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from typing import Any
 from .errors import FormatError
 
 FORMAT_NAME = "pconv"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this pconv reads: version 1 is version 2 without refitted layers.
+READABLE_VERSIONS = ("1", "2")
+REFIT_PREFIX = "refit."
+ANN_PREFIX = "ann."
 KINDS = ("snn", "calibration")
 NEURON_TENSORS = ("theta_in", "bias", "theta_out")
 CALIBRATION_TENSORS = ("theta", "delta_in", "delta_out")
@@ -67,7 +73,7 @@ def read_header(path: str | Path) -> Header:
         raise FormatError(f"{str(path)!r} is a safetensors file but not a pconv file",
                           "pass a file written by `pconv convert` or `pconv calibrate`")
     version = metadata.get("pconv.format_version", "")
-    if version != str(FORMAT_VERSION):
+    if version not in READABLE_VERSIONS:
         raise FormatError(f"{str(path)!r} has format version {version!r}; this pconv reads version {FORMAT_VERSION}",
                           "upgrade pconv, or re-export the file with this version")
     if metadata.get("pconv.kind") not in KINDS:

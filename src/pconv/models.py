@@ -154,6 +154,37 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str =
     model.load_state_dict(state, strict=True)
 
 
+def add_missing_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give a conv/linear layer the bias `state` holds for it when it has none (a layer refit adds them)."""
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        if leaf != "bias" or not owner:
+            continue
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.bias is None \
+                and value.dim() == 1 and value.shape[0] == module.weight.shape[0]:
+            module.bias = nn.Parameter(torch.zeros_like(value, device=module.weight.device,
+                                                        dtype=module.weight.dtype))
+
+
+def replace_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite (or add, for a missing conv/linear bias) the given state-dict entries of `model`."""
+    if not state:
+        return
+    add_missing_biases(model, state)
+    own = model.state_dict()
+    unknown = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    if unknown:
+        raise ModelLoadError(f"refitted weight {unknown[0]!r} does not fit the model",
+                             "use the calibration made for this model")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value)
+
+
 def create_model(spec: str | ModelSource, checkpoint: str | Path | None = None,
                  num_classes: int | None = None, **kwargs: Any) -> nn.Module:
     """The source ANN in eval mode, remembering how it was built (`model.pconv_source`)."""

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from . import distributed
 from .batches import ImageBatches, images_of
-from .calibrate import CALIBRATIONS, calibration_passes
+from .calibrate import CALIBRATIONS, calibration_ticks
 from .errors import ConfigError, DataError
-from .models import ModelSource, source_of
+from .models import ModelSource, replace_weights, source_of
 from .neurons import NEURONS, make_neuron
 from .progress import NoProgress, Progress
 from .quantize import quantize
@@ -32,7 +32,7 @@ from .thresholds import ThresholdSpec
 MAX_TIME_STEPS = 4096
 
 DEFAULT_THRESHOLD = "max"
-DEFAULT_CALIBRATION = "da"
+DEFAULT_CALIBRATION = "refit"
 
 
 def check_time_steps(time_steps: Any) -> int:
@@ -62,6 +62,8 @@ class Calibration:
     source: ModelSource | None = None
     data_config: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: per T, the state-dict entries a method replaced or added (layer refits): {T: {key: tensor}}
+    weights: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
     @property
     def time_steps(self) -> list[int]:
@@ -120,22 +122,39 @@ def calibrate(
     stats = record_activations(work, sites, batches, histograms=spec.needs_histogram, bins=bins,
                                progress=progress.stage("recording thresholds", passes * len(batches)))
     params: dict[int, dict[str, SiteParams]] = {}
+    weights: dict[int, dict[str, Tensor]] = {}
     for T in steps:
         thetas = {s.name: spec.compute(stats[s.name], T) for s in sites}
         qnet = copy.deepcopy(work)
         modules = quantize(qnet, sites, thetas, T)
-        total = calibration_passes(method, len(sites)) * len(batches)
-        calibrator(qnet, modules, batches, progress.stage(f"calibrating T={T}", total) if total else None)
+        total = calibration_ticks(method, len(sites), len(batches))
+        notes = calibrator(qnet, modules, batches, progress.stage(f"calibrating T={T}", total) if total else None)
         params[T] = {name: SiteParams(m.theta.cpu(), m.delta_in.cpu(), m.delta_out.cpu())
                      for name, m in modules.items()}
+        changed = changed_weights(work, qnet, modules)
+        if changed:
+            weights[T] = changed
     provenance = {
         "num_images": distributed.reduce_count(batches.num_images),
         "world_size": distributed.world_size(),
         "calibration_seconds": round(time.perf_counter() - started, 3),
         "torch_version": torch.__version__,
+        **(notes or {}),
     }
     return Calibration(sites, str(spec), method, params, {n: s.max.cpu() for n, s in stats.items()},
-                       source_of(model), data_config_of(model), provenance)
+                       source_of(model), data_config_of(model), provenance, weights)
+
+
+def changed_weights(original: nn.Module, calibrated: nn.Module, modules: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """State-dict entries of `calibrated` (sites left out) that `original` lacks or holds other values for."""
+    before = original.state_dict()
+    changed = {}
+    for key, value in calibrated.state_dict().items():
+        if key.rpartition(".")[0] in modules:
+            continue
+        if key not in before or not torch.equal(before[key], value):
+            changed[key] = value.detach().cpu().clone()
+    return changed
 
 
 def build_snn(model: nn.Module, calibration: Calibration, time_steps: int, neuron: str = "parallel") -> SpikingNetwork:
@@ -147,6 +166,10 @@ def build_snn(model: nn.Module, calibration: Calibration, time_steps: int, neuro
                           f"it has T = {', '.join(map(str, calibration.time_steps))}; recalibrate with this T")
     net = copy.deepcopy(model).eval()
     device = next(net.parameters()).device
+    refitted = calibration.weights.get(time_steps, {})
+    own = net.state_dict()
+    ann_weights = {key: own[key].detach().clone() if key in own else None for key in refitted}
+    replace_weights(net, refitted)
     params = calibration.params[time_steps]
     by_name = {s.name: s for s in calibration.sites}
 
@@ -165,7 +188,9 @@ def build_snn(model: nn.Module, calibration: Calibration, time_steps: int, neuro
         calibration=calibration.method, source=calibration.source, data_config=dict(calibration.data_config),
         provenance=dict(calibration.provenance),
     )
-    return SpikingNetwork(net, info).eval()
+    snn = SpikingNetwork(net, info)
+    snn.ann_weights = ann_weights
+    return snn.eval()
 
 
 def convert(

@@ -27,7 +27,7 @@ class ConversionInfo:
     neuron: str
     sites: list[Site]
     threshold: str = "max"
-    calibration: str = "da"
+    calibration: str = "refit"
     source: ModelSource | None = None
     data_config: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -47,6 +47,8 @@ class SpikingNetwork(nn.Module):
         self.net = net
         self.info = info
         self.spike_batch_limit: int | None = None
+        #: the ANN's values of the state-dict entries a layer refit replaced; None: an entry it added
+        self.ann_weights: dict[str, Tensor | None] = {}
         kinds = {type(m).type_name for m in self.neurons().values()}
         self._engine = "counts" if all("counts" in NEURONS.get(k).engines for k in kinds) else "spikes"
         self.set_engine(self._engine)
@@ -104,6 +106,14 @@ class SpikingNetwork(nn.Module):
         """A copy of the source ANN: the same weights with the original activations back."""
         ann = copy.deepcopy(self.net)
         swap_by_name(ann, {s.name: (lambda m, n, s=s: _ACTIVATION_TYPES[s.activation]()) for s in self.info.sites})
+        with torch.no_grad():
+            for key, value in self.ann_weights.items():  # undo a layer refit
+                owner, _, leaf = key.rpartition(".")
+                module = ann.get_submodule(owner)
+                if value is None:
+                    setattr(module, leaf, None)
+                else:
+                    getattr(module, leaf).copy_(value)
         return ann.eval()
 
     def with_neuron(self, kind: str) -> "SpikingNetwork":
@@ -117,7 +127,9 @@ class SpikingNetwork(nn.Module):
         swap_by_name(net, {s.name: rebuild for s in self.info.sites})
         info = copy.copy(self.info)
         info.neuron = kind
-        return SpikingNetwork(net, info).eval()
+        snn = SpikingNetwork(net, info)
+        snn.ann_weights = dict(self.ann_weights)
+        return snn.eval()
 
     def extra_repr(self) -> str:
         return f"T={self.time_steps}, neuron={self.info.neuron}, engine={self._engine}, sites={len(self.info.sites)}"

