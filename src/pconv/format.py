@@ -74,7 +74,8 @@ def read_header(path: str | Path) -> Header:
                           "pass a file written by `pconv convert` or `pconv calibrate`")
     version = metadata.get("pconv.format_version", "")
     if version not in READABLE_VERSIONS:
-        raise FormatError(f"{str(path)!r} has format version {version!r}; this pconv reads version {FORMAT_VERSION}",
+        raise FormatError(f"{str(path)!r} has format version {version!r}; "
+                          f"this pconv reads versions {', '.join(READABLE_VERSIONS)}",
                           "upgrade pconv, or re-export the file with this version")
     if metadata.get("pconv.kind") not in KINDS:
         raise FormatError(f"{str(path)!r} has unknown kind {metadata.get('pconv.kind')!r}", "the file is corrupt")
