@@ -69,12 +69,14 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in results}, key=list(MODELS).index)
+    methods = sorted({r["method"] for r in results})
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         rows = [r for r in results if r["model"] == model]
         ax.axhline(rows[0]["ann_top1"], color="black", linestyle="--", label="ANN")
         for r in rows:
-            ax.plot(r["time_steps"], r["snn_top1"], marker="o",
+            ax.plot(r["time_steps"], r["snn_top1"], marker="o", color=colors[r["method"]],
                     label=r["method"] + (" (paper)" if r["method"] == PAPER else ""))
         ax.set_xscale("log", base=2)
         ax.set_xticks(STEPS, [str(t) for t in STEPS])
@@ -93,7 +95,12 @@ def main() -> None:
     parser.add_argument("--methods", default=f"{PAPER},mse/none,max/fit,max/refit")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="draw accuracy against T into this PNG")
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
+                        help="only draw --plot from the results in these JSON files (merged)")
     args = parser.parse_args()
+    if args.replot:
+        plot([r for path in args.replot for r in json.loads(path.read_text())["results"]], args.plot)
+        return
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
     print(f"# pconv {pconv.__version__}, torch {torch.__version__}, {machine}\n")
     print("| model | method | ANN | " + " | ".join(f"T={T}" for T in STEPS) + " | calibration s |")
@@ -115,9 +122,9 @@ def main() -> None:
                                 "evaluation_images": sum(len(y) for _, y in test)})
                 print(f"| {model_name} | {method} | {ann:.1f} | "
                       + " | ".join(f"{a:.1f} ({a - ann:+.1f})" for a in accs) + f" | {seconds:.0f} |", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "results": results},
-                                        indent=1) + "\n")
+                if args.json:  # after every row: a long run that is stopped keeps what it measured
+                    args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__,
+                                                     "results": results}, indent=1) + "\n")
     if args.plot:
         plot(results, args.plot)
 
