@@ -102,6 +102,13 @@ def normal_equations(call: dict[str, Any], x_q: Tensor, x_ann: Tensor) -> tuple[
     return distributed.reduce_sum(gram), distributed.reduce_sum(cross)
 
 
+def _differs(x_q: Tensor, x_ann: Tensor) -> bool:
+    """Whether the layer's input differs between the halves on any process (the first layer sees the image
+    on all of them: nothing to fit). Every process must take the same branch, or the all-reduce hangs."""
+    local = torch.tensor([0.0 if torch.equal(x_q, x_ann) else 1.0], device=x_q.device)
+    return bool(distributed.reduce_max(local).item())
+
+
 def _numeric_padding(padding: str, weight: Tensor, dilation) -> tuple[int, int]:
     if padding == "valid":
         return (0, 0)
@@ -151,7 +158,7 @@ class _Refit(TorchFunctionMode):
         x = call["input"]
         x_q, x_ann = x[: self.half], x[self.half:]
         weight, bias = call["weight"], call["bias"]
-        if name not in self.fitted and call["padding"] is not None and not torch.equal(x_q, x_ann):  # the first layer sees the image: nothing to fit
+        if name not in self.fitted and call["padding"] is not None and _differs(x_q, x_ann):
             gram, cross = normal_equations(call, x_q, x_ann)
             self.fitted[name] = solve(gram, cross, weight.detach(), None if bias is None else bias.detach())
         if call["padding"] is None:
