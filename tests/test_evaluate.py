@@ -65,10 +65,13 @@ def test_firing_rates_count_the_spikes(snn, images):
     try:
         for name, neuron in snn.neurons().items():
             def hook(m, i, out, name=name):
-                s = out.view(T, -1, *out.shape[1:]) != 0
+                # each spike carries theta_out/m: a population's step value is its number of spikes times that
+                amplitude = m.theta_out / m.population
+                unit = torch.where(amplitude != 0, amplitude, 1.0).view(1, 1, -1, *[1] * (out.dim() - 2))
+                s = (out.view(T, -1, *out.shape[1:]) / unit).round()
                 spikes.setdefault(name, [0.0, 0])
                 spikes[name][0] += float(s.sum())
-                spikes[name][1] += s[0].numel()
+                spikes[name][1] += s[0].numel() * m.population
             handles.append(neuron.register_forward_hook(hook))
         with torch.inference_mode():
             snn(x)
@@ -111,7 +114,13 @@ def _fanout(module: nn.Module, shape: torch.Size) -> torch.Tensor:
 
 
 def test_sops_equal_a_brute_force_count(snn, images):
-    """SOPs per layer = sum over steps and input positions of [input != 0] x fan-out (by autograd)."""
+    """SOPs per layer = sum over steps and input positions of [input != 0] x fan-out (by autograd); for the
+    layer fed by the encoding population (features.2, 16 neurons per channel at T=4, through max pooling),
+    the number of spikes at each input instead of [input != 0]."""
+    stem = snn.neurons()["features.2"]
+    assert stem.population == 16 and snn.neurons()["features.6"].population == 1
+    amplitude = stem.theta_out / stem.population
+    unit = torch.where(amplitude != 0, amplitude, 1.0).view(1, -1, 1, 1)
     x, _ = images
     n = 5
     result = evaluate(snn, batches(images), sop_images=n)
@@ -124,7 +133,8 @@ def test_sops_equal_a_brute_force_count(snn, images):
             def pre(m, inputs, name=name):
                 inp = inputs[0]
                 fan = _fanout(m, inp[:1].shape)[0]
-                expected[name] = expected.get(name, 0.0) + float(((inp != 0).double() * fan).sum())
+                events = (inp / unit).round() if name == "features.4" else (inp != 0)
+                expected[name] = expected.get(name, 0.0) + float((events.double() * fan).sum())
             handles.append(module.register_forward_pre_hook(pre))
         with torch.inference_mode():
             snn(x[:n])

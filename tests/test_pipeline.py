@@ -30,7 +30,8 @@ def qcfs_network(model, calibration, T):
     qnet = copy.deepcopy(model)
     replace_weights(qnet, calibration.weights.get(T, {}))
     params = calibration.params[T]
-    modules = quantize(qnet, calibration.sites, {n: p.theta for n, p in params.items()}, T)
+    modules = quantize(qnet, calibration.sites, {n: p.theta for n, p in params.items()}, T,
+                       calibration.encoding_levels)
     for name, module in modules.items():
         module.delta_in.copy_(params[name].delta_in)
         module.delta_out.copy_(params[name].delta_out)
@@ -80,7 +81,8 @@ def test_da_calibration_matches_exact_means():
             def tap(x, y, key=(tag, site.name), module=module):
                 # y with delta_out = 0, as seen during calibration
                 y0 = pconv.functional.qcfs(x, module.theta, module.delta_in, torch.zeros_like(module.delta_out),
-                                           module.levels) if module.mode == "quant" else y
+                                           module.levels, population=module.population) \
+                    if module.mode == "quant" else y
                 captured.setdefault(key, []).append((x.clone(), y0.clone()))
 
             module.tap = tap

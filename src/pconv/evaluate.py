@@ -11,7 +11,9 @@ Definitions (see docs/usage.md):
   triggers over the T steps, counted exactly. An event is a nonzero input value at one step; it reaches
   every output that the layer connects to that input position. The count is the layer applied with
   all-ones weights (and no bias) to the per-position number of nonzero steps, summed. It is measured in
-  the spike engine on the first `sop_images` images;
+  the spike engine on the first `sop_images` images. A layer fed directly by a population (an encoding
+  site with m neurons per channel, whose m spikes of a step arrive summed) counts each spike as an event;
+- a population of m neurons per channel counts as m neurons for firing rates;
 - the layers that see the image itself (direct encoding: the image is presented unchanged at every step,
   so their output is the same at every step and is computed once) cost multiply-accumulates (MACs), not
   SOPs. They are the conv/linear layers that run before the first spiking neuron;
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .errors import ConfigError, DataError
+from .functional import per_channel
 from .neurons import ENGINES
 from .progress import NoProgress, Progress
 from .snn import SpikingNetwork
@@ -208,6 +211,10 @@ def _ones_like_layer(module: nn.Module) -> nn.Module:
     return ones
 
 
+_SPIKE_PRESERVING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                     nn.ZeroPad2d, nn.Identity, nn.Dropout)
+
+
 def count_sops(snn: SpikingNetwork, images: Tensor, layers: list[LayerStats], chunk: int,
                on_chunk: Callable[[], None] | None = None) -> None:
     """Fill in `sops`, `input_rate` and the input kind ("spikes" or "graded") of every layer that does not
@@ -222,14 +229,35 @@ def count_sops(snn: SpikingNetwork, images: Tensor, layers: list[LayerStats], ch
     positions = {name: 0 for name in wanted}  # input positions (x T gives the input slots)
     graded = {name: False for name in wanted}
 
+    # A population (m neurons per channel) emits up to m spikes per channel and step, summed into one value
+    # of (spikes * theta_out/m): a layer that takes that output directly counts every spike as an event.
+    population_outputs: dict[int, tuple[Tensor, Tensor, int]] = {}  # id -> (output kept alive, amplitude, m)
+
+    def on_population(neuron: nn.Module, inputs: tuple, output: Tensor) -> None:
+        population_outputs[id(output)] = (output, neuron.theta_out / neuron.population, neuron.population)
+
+    def passes_population(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        # max pooling, zero padding, dropout and identity keep every value a whole number of spikes
+        known = population_outputs.get(id(inputs[0])) if inputs and isinstance(inputs[0], Tensor) else None
+        if known is not None and isinstance(output, Tensor):
+            population_outputs[id(output)] = (output, known[1], known[2])
+
     def pre_hook(module: nn.Module, inputs: tuple, name: str) -> None:
         x = inputs[0]
         steps = x.reshape(T, x.shape[0] // T, *x.shape[1:])
-        counts = (steps != 0).sum(dim=0).to(x.dtype)  # [B, ...]: nonzero steps per input position
+        population = population_outputs.get(id(x))
+        if population is not None:
+            _, amplitude, m = population
+            unit = per_channel(torch.where(amplitude != 0, amplitude, torch.ones_like(amplitude)), steps[0])
+            counts = (steps / unit).round().sum(dim=0)  # [B, ...]: spikes per input position
+            slots = counts.numel() * m
+        else:
+            counts = (steps != 0).sum(dim=0).to(x.dtype)  # [B, ...]: nonzero steps per input position
+            slots = counts.numel()
         events[name] += float(ones[name](counts).double().sum())
         nonzero[name] += float(counts.double().sum())
-        positions[name] += counts.numel()
-        if not graded[name]:
+        positions[name] += slots
+        if population is None and not graded[name]:
             # binary events carry one amplitude per channel: every nonzero value of a channel is the same
             channel_dim = -1 if isinstance(module, nn.Linear) else 1
             values = x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
@@ -242,11 +270,17 @@ def count_sops(snn: SpikingNetwork, images: Tensor, layers: list[LayerStats], ch
     for m in ones.values():
         m.to(device)
     handles = [modules[name].register_forward_pre_hook(lambda m, i, n=name: pre_hook(m, i, n)) for name in wanted]
+    populations = [neuron for neuron in snn.neurons().values() if neuron.population > 1]
+    handles += [neuron.register_forward_hook(on_population) for neuron in populations]
+    if populations:
+        handles += [m.register_forward_hook(passes_population) for m in snn.net.modules()
+                    if isinstance(m, _SPIKE_PRESERVING)]
     snn.set_engine("spikes")
     try:
         with torch.inference_mode():
             for start in range(0, images.shape[0], chunk):
                 snn(images[start:start + chunk].to(device))
+                population_outputs.clear()
                 if on_chunk:
                     on_chunk()
     finally:

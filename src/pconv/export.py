@@ -86,6 +86,14 @@ def _sites(header: Header) -> list[Site]:
         raise FormatError("the site list in the metadata is malformed", "the file is corrupt") from None
 
 
+def _encoding_levels(header: Header) -> int:
+    """Absent before format version 3: one neuron per channel everywhere."""
+    value = header.metadata.get("encoding_levels", "0")
+    if not value.isdigit():
+        raise FormatError(f"encoding_levels {value!r} in the metadata is not a count", "the file is corrupt")
+    return int(value)
+
+
 def _check_shapes(tensors: dict[str, Tensor], sites: list[Site], prefix: str, leaves: tuple[str, ...]) -> None:
     for site in sites:
         for leaf in leaves:
@@ -121,7 +129,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SpikingNetwork
     T = int(meta["time_steps"])
     # The file stores neuron parameters; pass them through a calibration whose shifts reproduce them.
     calibration = Calibration(sites, meta["threshold"], meta["calibration"], {T: {}}, {}, source,
-                              header.json("data_config"), header.json("provenance"))
+                              header.json("data_config"), header.json("provenance"),
+                              encoding_levels=_encoding_levels(header))
     for site in sites:
         calibration.params[T][site.name] = SiteParams(*(torch.zeros(site.channels),) * 3)
     snn = build_snn(model, calibration, T, neuron)
@@ -154,6 +163,7 @@ def save_calibration(calibration: Calibration, path: str | Path, force: bool = F
         "model": calibration.source.to_json() if calibration.source else "",
         "data_config": json.dumps(calibration.data_config, sort_keys=True),
         "provenance": json.dumps(calibration.provenance, sort_keys=True),
+        "encoding_levels": str(calibration.encoding_levels),
     }
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), force)
 
@@ -182,4 +192,4 @@ def load_calibration(path: str | Path) -> Calibration:
     source = ModelSource.from_json(meta["model"]) if meta.get("model") else None
     channel_max = {s.name: tensors[f"stats.{s.name}.max"] for s in sites if f"stats.{s.name}.max" in tensors}
     return Calibration(sites, meta["threshold"], meta["calibration"], params, channel_max, source,
-                       header.json("data_config"), header.json("provenance"), weights)
+                       header.json("data_config"), header.json("provenance"), weights, _encoding_levels(header))

@@ -4,6 +4,8 @@ kind "snn":         weights.<state-dict key>, neurons.<site>.{theta_in,bias,thet
                     ann.<state-dict key> (the ANN's values of entries a layer refit replaced; version 2)
 kind "calibration": T<t>.<site>.{theta,delta_in,delta_out}, stats.<site>.max,
                     refit.T<t>.<state-dict key> (layers a method refitted at that T; version 2)
+Version 3 adds the metadata entry "encoding_levels" and the "encoding" flag of each site: encoding sites
+have ceil(encoding_levels/T) neurons per channel, so a version-2 reader would build the wrong network.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any
 from .errors import FormatError
 
 FORMAT_NAME = "pconv"
-FORMAT_VERSION = 2
-#: Versions this pconv reads: version 1 is version 2 without refitted layers.
-READABLE_VERSIONS = ("1", "2")
+FORMAT_VERSION = 3
+#: Versions this pconv reads: version 1 is version 2 without refitted layers; version 2 is version 3
+#: with one neuron per channel everywhere (encoding_levels 0).
+READABLE_VERSIONS = ("1", "2", "3")
 REFIT_PREFIX = "refit."
 ANN_PREFIX = "ann."
 KINDS = ("snn", "calibration")

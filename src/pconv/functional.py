@@ -20,14 +20,17 @@ def per_channel(param: Tensor, like: Tensor, channel_dim: int = 1) -> Tensor:
     return param.view(shape)
 
 
-def neuron_params(theta: Tensor, delta_in: Tensor, delta_out: Tensor, time_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+def neuron_params(theta: Tensor, delta_in: Tensor, delta_out: Tensor, time_steps: int,
+                  population: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """(theta_in, bias, theta_out) of a neuron from the QCFS threshold and DA shifts.
 
     bias = phi*theta + T*delta_in carries the calibrated input shift inside the floor;
     theta_out = theta + delta_out is the calibrated output amplitude.
+    With a population of m neurons per channel, `bias` is the first neuron's, phi*theta/m + T*delta_in;
+    neuron j adds j*theta/m (see population_count).
     """
     theta_in = theta
-    bias = theta * PHI + time_steps * delta_in
+    bias = theta * (PHI / population) + time_steps * delta_in
     theta_out = theta + delta_out
     return theta_in, bias, theta_out
 
@@ -44,14 +47,43 @@ def spike_count(x_mean: Tensor, theta_in: Tensor, bias: Tensor, time_steps: int,
     return torch.addcmul(offset, x_mean, scale).floor_().clamp_(0, time_steps)
 
 
+def population_biases(theta_in: Tensor, bias: Tensor, population: int) -> list[Tensor]:
+    """Biases of the m neurons of a channel: the first one's, then spread by theta_in/m."""
+    return [bias if j == 0 else bias + theta_in * (j / population) for j in range(population)]
+
+
+def population_counts(x_mean: Tensor, theta_in: Tensor, bias: Tensor, time_steps: int, population: int,
+                      channel_dim: int = 1) -> list[Tensor]:
+    """The spike count of each of the m neurons of every channel (all see the same input)."""
+    return [spike_count(x_mean, theta_in, b, time_steps, channel_dim)
+            for b in population_biases(theta_in, bias, population)]
+
+
+def population_count(x_mean: Tensor, theta_in: Tensor, bias: Tensor, time_steps: int, population: int,
+                     channel_dim: int = 1) -> Tensor:
+    """Total spikes of a population of m neurons per channel, in [0, m*T].
+
+    Hermite's identity, sum_j floor(y + j/m) = floor(m*y), makes the total exactly the count of one
+    neuron with m*T levels: clamp(floor(m*T*(x + delta_in)/theta + phi), 0, m*T) (docs/math.md)."""
+    biases = population_biases(theta_in, bias, population)
+    total = spike_count(x_mean, theta_in, biases[0], time_steps, channel_dim)
+    for b in biases[1:]:  # one neuron at a time: memory stays that of one count map
+        total.add_(spike_count(x_mean, theta_in, b, time_steps, channel_dim))
+    return total
+
+
 def count_output(k: Tensor, theta_out: Tensor, time_steps: int, channel_dim: int = 1, inplace: bool = False) -> Tensor:
     """Time-mean output of a neuron that spiked k times with amplitude theta_out: k * (theta_out/T)."""
     amplitude = per_channel(theta_out / time_steps, k, channel_dim)
     return k.mul_(amplitude) if inplace else k * amplitude
 
 
-def qcfs(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, levels: int, channel_dim: int = 1) -> Tensor:
-    """DA-QCFS: (theta+delta_out)/L * clamp(floor(L*(x+delta_in)/theta + phi), 0, L), per channel."""
-    theta_in, bias, theta_out = neuron_params(theta, delta_in, delta_out, levels)
-    k = spike_count(x, theta_in, bias, levels, channel_dim)
-    return count_output(k, theta_out, levels, channel_dim, inplace=True)
+def qcfs(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, levels: int, channel_dim: int = 1,
+         population: int = 1) -> Tensor:
+    """DA-QCFS: (theta+delta_out)/L * clamp(floor(L*(x+delta_in)/theta + phi), 0, L), per channel.
+
+    With a population of m neurons per channel it is computed as their summed counts, which equals the
+    formula with m*L levels (population_count)."""
+    theta_in, bias, theta_out = neuron_params(theta, delta_in, delta_out, levels, population)
+    k = population_count(x, theta_in, bias, levels, population, channel_dim)
+    return count_output(k, theta_out, levels * population, channel_dim, inplace=True)

@@ -5,6 +5,10 @@ Engines (how a neuron sees time):
   spikes: the input is [T*B, ...] (step-major); the output is the T spike maps, same layout.
   steps:  one call per time step, [B, ...] in and out; the neuron keeps its membrane between calls
           (serial neurons only: the classic SNN schedule of T sequential passes).
+
+A population (encoding sites, Site.population) is m neurons per channel that see the same input, with
+biases spread by theta_in/m; each spike carries theta_out/m and a channel's output at a step is the sum
+of its m neurons' spikes. The count hook sees every neuron's count, stacked: [m, B, ...].
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ class SpikingNeuron(nn.Module):
     engines: tuple[str, ...] = ("counts", "spikes")
     type_name = ""
 
-    def __init__(self, theta_in: Tensor, bias: Tensor, theta_out: Tensor, time_steps: int, site: Site):
+    def __init__(self, theta_in: Tensor, bias: Tensor, theta_out: Tensor, time_steps: int, site: Site,
+                 population: int = 1):
         super().__init__()
         self.site = site
         self.time_steps = int(time_steps)
+        self.population = int(population)
         self.register_buffer("theta_in", theta_in.detach().clone())
         self.register_buffer("bias", bias.detach().clone())
         self.register_buffer("theta_out", theta_out.detach().clone())
@@ -51,8 +57,14 @@ class SpikingNeuron(nn.Module):
         """[T*B, ...] -> [T, B, ...]."""
         return x.view(self.time_steps, x.shape[0] // self.time_steps, *x.shape[1:])
 
+    def biases(self, like: Tensor) -> Tensor:
+        """[m, 1, C, 1, ...]: the bias of each of the m neurons of a channel, shaped against `like`."""
+        return torch.stack([PF.per_channel(b, like) for b in
+                            PF.population_biases(self.theta_in, self.bias, self.population)])
+
     def extra_repr(self) -> str:
-        return f"channels={self.theta_in.numel()}, T={self.time_steps}, engine={self.engine}"
+        pop = f", population={self.population}" if self.population > 1 else ""
+        return f"channels={self.theta_in.numel()}, T={self.time_steps}{pop}, engine={self.engine}"
 
 
 @NEURONS.register("parallel")
@@ -62,19 +74,30 @@ class ParallelIF(SpikingNeuron):
     type_name = "parallel"
 
     def forward(self, x: Tensor) -> Tensor:
-        T = self.time_steps
+        T, m = self.time_steps, self.population
         if self.engine == "counts":
+            if m > 1:
+                if self.count_hook is not None:
+                    counts = torch.stack(PF.population_counts(x, self.theta_in, self.bias, T, m))
+                    self.count_hook(counts)
+                    k = counts.sum(dim=0)
+                else:
+                    k = PF.population_count(x, self.theta_in, self.bias, T, m)
+                return PF.count_output(k, self.theta_out, T * m, inplace=True)
             k = PF.spike_count(x, self.theta_in, self.bias, T)
             if self.count_hook is not None:
                 self.count_hook(k)
             return PF.count_output(k, self.theta_out, T, inplace=self.count_hook is None)
         x_mean = self.steps_view(x).mean(dim=0)
-        k = PF.spike_count(x_mean, self.theta_in, self.bias, T)
+        counts = PF.population_counts(x_mean, self.theta_in, self.bias, T, m)
         if self.count_hook is not None:
-            self.count_hook(k)
-        steps = torch.arange(1, T + 1, device=x.device, dtype=x.dtype).view(T, *([1] * k.dim()))
-        spikes = (steps <= k.unsqueeze(0)).to(x.dtype) * PF.per_channel(self.theta_out, k).unsqueeze(0)
-        return spikes.reshape(x.shape)
+            self.count_hook(torch.stack(counts) if m > 1 else counts[0])
+        steps = torch.arange(1, T + 1, device=x.device, dtype=x.dtype).view(T, *([1] * x_mean.dim()))
+        fired = (steps <= counts[0].unsqueeze(0)).to(x.dtype)
+        for k in counts[1:]:  # spikes of a channel's m neurons at each step
+            fired += (steps <= k.unsqueeze(0)).to(x.dtype)
+        amplitude = PF.per_channel(self.theta_out / m, x_mean).unsqueeze(0)
+        return (fired * amplitude).reshape(x.shape)
 
 
 @NEURONS.register("serial")
@@ -94,7 +117,7 @@ class SerialIF(SpikingNeuron):
         """Forget the membrane: call before each new batch in the "steps" engine. Reports the spike
         counts of the finished batch to `count_hook` first."""
         if self.fired is not None and self.count_hook is not None:
-            self.count_hook(self.fired)
+            self.count_hook(self.fired if self.population > 1 else self.fired[0])
         self.membrane = None
         self.fired = None
 
@@ -102,36 +125,38 @@ class SerialIF(SpikingNeuron):
         if self.engine == "steps":
             return self._one_step(x)
         steps = self.steps_view(x)
+        m = self.population
         theta_in = PF.per_channel(self.theta_in, steps[0])
-        theta_out = PF.per_channel(self.theta_out, steps[0])
-        v = PF.per_channel(self.bias, steps[0]).expand_as(steps[0]).clone()
+        theta_out = PF.per_channel(self.theta_out / m, steps[0])
+        v = self.biases(steps[0]).expand(m, *steps[0].shape).clone()  # [m, B, ...]: one membrane per neuron
         out = torch.empty_like(steps)
-        count = torch.zeros_like(steps[0]) if self.count_hook is not None else None
+        count = torch.zeros_like(v) if self.count_hook is not None else None
         for t in range(self.time_steps):
             v = v + steps[t]
             fired = (v >= theta_in).to(x.dtype)
             v = v - fired * theta_in
-            out[t] = fired * theta_out
+            out[t] = fired.sum(dim=0) * theta_out
             if count is not None:
                 count += fired
         if count is not None:
-            self.count_hook(count)
+            self.count_hook(count if m > 1 else count[0])
         return out.view(x.shape)
 
     def _one_step(self, x: Tensor) -> Tensor:
+        m = self.population
         if self.membrane is None:
-            self.membrane = PF.per_channel(self.bias, x).expand_as(x).clone()
-            self.fired = torch.zeros_like(x)
+            self.membrane = self.biases(x).expand(m, *x.shape).clone()
+            self.fired = torch.zeros_like(self.membrane)
         self.membrane = self.membrane + x
         fired = (self.membrane >= PF.per_channel(self.theta_in, x)).to(x.dtype)
         self.membrane = self.membrane - fired * PF.per_channel(self.theta_in, x)
         self.fired += fired
-        return fired * PF.per_channel(self.theta_out, x)
+        return fired.sum(dim=0) * PF.per_channel(self.theta_out / m, x)
 
 
 def make_neuron(kind: str, theta: Tensor, delta_in: Tensor, delta_out: Tensor, time_steps: int,
-                site: Site) -> SpikingNeuron:
+                site: Site, population: int = 1) -> SpikingNeuron:
     """A neuron of the registered `kind` from QCFS threshold and DA shifts (DESIGN §2)."""
     cls = NEURONS.get(kind)
-    theta_in, bias, theta_out = PF.neuron_params(theta, delta_in, delta_out, time_steps)
-    return cls(theta_in, bias, theta_out, time_steps, site)
+    theta_in, bias, theta_out = PF.neuron_params(theta, delta_in, delta_out, time_steps, population)
+    return cls(theta_in, bias, theta_out, time_steps, site, population)

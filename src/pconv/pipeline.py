@@ -33,6 +33,9 @@ MAX_TIME_STEPS = 4096
 
 DEFAULT_THRESHOLD = "max"
 DEFAULT_CALIBRATION = "refit"
+#: Encoding sites (no neuron between them and the image) resolve at least this many levels at any T,
+#: with ceil(levels/T) neurons per channel (Site.population); 0 turns population coding off.
+DEFAULT_ENCODING_LEVELS = 64
 
 
 def check_time_steps(time_steps: Any) -> int:
@@ -41,6 +44,13 @@ def check_time_steps(time_steps: Any) -> int:
     if not 1 <= time_steps <= MAX_TIME_STEPS:
         raise ConfigError(f"T must be between 1 and {MAX_TIME_STEPS}, got {time_steps}", "typical values are 4 to 32")
     return time_steps
+
+
+def check_encoding_levels(levels: Any) -> int:
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 0 <= levels <= MAX_TIME_STEPS:
+        raise ConfigError(f"encoding levels must be an integer between 0 and {MAX_TIME_STEPS}, got {levels!r}",
+                          f"for example {DEFAULT_ENCODING_LEVELS}, or 0 for one neuron per channel everywhere")
+    return levels
 
 
 @dataclass
@@ -64,10 +74,16 @@ class Calibration:
     provenance: dict[str, Any] = field(default_factory=dict)
     #: per T, the state-dict entries a method replaced or added (layer refits): {T: {key: tensor}}
     weights: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    #: encoding sites get ceil(encoding_levels/T) neurons per channel (0: one, as every other site)
+    encoding_levels: int = 0
 
     @property
     def time_steps(self) -> list[int]:
         return sorted(self.params)
+
+    def populations(self, time_steps: int) -> dict[str, int]:
+        """Neurons per channel of every site at T."""
+        return {s.name: s.population(time_steps, self.encoding_levels) for s in self.sites}
 
 
 def first_batch(data: Tensor | Iterable) -> tuple[Tensor, Iterable]:
@@ -102,8 +118,12 @@ def calibrate(
     num_images: int | None = None,
     bins: int = DEFAULT_BINS,
     progress: Progress | None = None,
+    encoding_levels: int = DEFAULT_ENCODING_LEVELS,
 ) -> Calibration:
-    """Record thresholds and calibrate the distribution error for each T (labels are never used)."""
+    """Record thresholds and calibrate the distribution error for each T (labels are never used).
+
+    Encoding sites get ceil(encoding_levels/T) neurons per channel (population coding of the image)."""
+    encoding_levels = check_encoding_levels(encoding_levels)
     steps = [time_steps] if isinstance(time_steps, int) else list(time_steps)
     if not steps:
         raise ConfigError("no T given", "for example time_steps=[4, 8, 16]")
@@ -124,9 +144,9 @@ def calibrate(
     params: dict[int, dict[str, SiteParams]] = {}
     weights: dict[int, dict[str, Tensor]] = {}
     for T in steps:
-        thetas = {s.name: spec.compute(stats[s.name], T) for s in sites}
+        thetas = {s.name: spec.compute(stats[s.name], T * s.population(T, encoding_levels)) for s in sites}
         qnet = copy.deepcopy(work)
-        modules = quantize(qnet, sites, thetas, T)
+        modules = quantize(qnet, sites, thetas, T, encoding_levels)
         total = calibration_ticks(method, len(sites), len(batches))
         notes = calibrator(qnet, modules, batches, progress.stage(f"calibrating T={T}", total) if total else None)
         params[T] = {name: SiteParams(m.theta.cpu(), m.delta_in.cpu(), m.delta_out.cpu())
@@ -142,7 +162,7 @@ def calibrate(
         **(notes or {}),
     }
     return Calibration(sites, str(spec), method, params, {n: s.max.cpu() for n, s in stats.items()},
-                       source_of(model), data_config_of(model), provenance, weights)
+                       source_of(model), data_config_of(model), provenance, weights, encoding_levels)
 
 
 def changed_weights(original: nn.Module, calibrated: nn.Module, modules: dict[str, nn.Module]) -> dict[str, Tensor]:
@@ -172,11 +192,12 @@ def build_snn(model: nn.Module, calibration: Calibration, time_steps: int, neuro
     replace_weights(net, refitted)
     params = calibration.params[time_steps]
     by_name = {s.name: s for s in calibration.sites}
+    populations = calibration.populations(time_steps)
 
     def make(module: nn.Module, name: str) -> nn.Module:
         p = params[name]
         return make_neuron(neuron, p.theta.to(device), p.delta_in.to(device), p.delta_out.to(device),
-                           time_steps, by_name[name])
+                           time_steps, by_name[name], populations[name])
 
     swapped = swap_by_name(net, {s.name: make for s in calibration.sites})
     if len(swapped) != len(calibration.sites):
@@ -186,7 +207,7 @@ def build_snn(model: nn.Module, calibration: Calibration, time_steps: int, neuro
     info = ConversionInfo(
         time_steps=time_steps, neuron=neuron, sites=list(calibration.sites), threshold=calibration.threshold,
         calibration=calibration.method, source=calibration.source, data_config=dict(calibration.data_config),
-        provenance=dict(calibration.provenance),
+        provenance=dict(calibration.provenance), encoding_levels=calibration.encoding_levels,
     )
     snn = SpikingNetwork(net, info)
     snn.ann_weights = ann_weights
@@ -205,6 +226,7 @@ def convert(
     bins: int = DEFAULT_BINS,
     source: ModelSource | None = None,
     progress: Progress | None = None,
+    encoding_levels: int = DEFAULT_ENCODING_LEVELS,
 ) -> SpikingNetwork:
     """Convert a ReLU/ReLU6 classifier into a parallel-spiking SNN with T time steps.
 
@@ -214,7 +236,8 @@ def convert(
     time_steps = check_time_steps(time_steps)
     NEURONS.get(neuron)
     if not isinstance(calib, Calibration):
-        calib = calibrate(model, calib, [time_steps], threshold, calibration, num_images, bins, progress)
+        calib = calibrate(model, calib, [time_steps], threshold, calibration, num_images, bins, progress,
+                          encoding_levels)
     snn = build_snn(model, calib, time_steps, neuron)
     if source is not None:
         snn.info.source = source

@@ -18,12 +18,15 @@ class QCFS(nn.Module):
     mode "quant": (theta+delta_out)/L * clamp(floor(L*(x+delta_in)/theta + 1/2), 0, L)
     mode "clip":  clamp(x, 0, theta), the full-precision reference that calibration aims at.
     A `tap` callback, when set, sees (input, output) of every call; calibration uses it.
+    With a population of m neurons per channel (an encoding site), L = m*T: `levels` stays T and
+    `resolution` is m*T, the levels calibration works with.
     """
 
-    def __init__(self, theta: Tensor, levels: int, site: Site):
+    def __init__(self, theta: Tensor, levels: int, site: Site, population: int = 1):
         super().__init__()
         self.site = site
         self.levels = int(levels)
+        self.population = int(population)
         self.register_buffer("theta", theta.detach().clone().float())
         self.register_buffer("delta_in", torch.zeros_like(self.theta))
         self.register_buffer("delta_out", torch.zeros_like(self.theta))
@@ -34,17 +37,29 @@ class QCFS(nn.Module):
         if self.mode == "clip":
             y = torch.minimum(x.clamp_min(0), PF.per_channel(self.theta, x))
         else:
-            y = PF.qcfs(x, self.theta, self.delta_in, self.delta_out, self.levels)
+            y = self.quantized(x)
         if self.tap is not None:
             self.tap(x, y)
         return y
 
+    def quantized(self, x: Tensor) -> Tensor:
+        """The count-domain output, bit for bit the one of the site's spiking neurons."""
+        return PF.qcfs(x, self.theta, self.delta_in, self.delta_out, self.levels, population=self.population)
+
+    @property
+    def resolution(self) -> int:
+        """Quantization levels of the site: T, or m*T for a population of m neurons per channel."""
+        return self.levels * self.population
+
     def extra_repr(self) -> str:
-        return f"channels={self.theta.numel()}, L={self.levels}, mode={self.mode}"
+        pop = f", population={self.population}" if self.population > 1 else ""
+        return f"channels={self.theta.numel()}, L={self.levels}{pop}, mode={self.mode}"
 
 
-def quantize(model: nn.Module, sites: Sequence[Site], thetas: Mapping[str, Tensor], levels: int) -> dict[str, QCFS]:
-    """Swap every site of `model` (in place) for QCFS with its threshold; returns the new modules."""
+def quantize(model: nn.Module, sites: Sequence[Site], thetas: Mapping[str, Tensor], levels: int,
+             encoding_levels: int = 0) -> dict[str, QCFS]:
+    """Swap every site of `model` (in place) for QCFS with its threshold; returns the new modules.
+    Encoding sites get a population of neurons per channel (Site.population)."""
     modules: dict[str, QCFS] = {}
     by_name = {s.name: s for s in sites}
 
@@ -53,7 +68,7 @@ def quantize(model: nn.Module, sites: Sequence[Site], thetas: Mapping[str, Tenso
         theta = thetas[name].to(next(model.parameters()).device)
         if site.cap is not None:
             theta = theta.clamp(max=site.cap)
-        modules[name] = QCFS(theta, levels, site)
+        modules[name] = QCFS(theta, levels, site, site.population(levels, encoding_levels))
         return modules[name]
 
     swap_by_name(model, {s.name: make for s in sites})

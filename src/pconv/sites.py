@@ -59,6 +59,15 @@ class Site:
     channels: int
     ndim: int  # rank of the activation tensor, batch included
     cap: float | None = None  # ReLU6 -> 6.0
+    #: True when no spiking neuron lies between the image and this site: its neurons encode the image
+    encoding: bool = False
+
+    def population(self, time_steps: int, encoding_levels: int) -> int:
+        """Neurons per channel at this site: an encoding site gets enough of them, m = ceil(levels/T), to
+        resolve at least `encoding_levels` steps in T time steps (population coding); every other site, 1."""
+        if not self.encoding or encoding_levels <= time_steps:
+            return 1
+        return -(-encoding_levels // time_steps)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +87,7 @@ class _Probe(TorchFunctionMode):
         self.stack = stack
         self.site_modules = site_modules
         self.tainted: set[int] = set()
+        self.spiking: set[int] = set()  # tensors computed from some site's output
         self._keep: list[Tensor] = []  # keep tainted tensors alive so their ids stay unique
         self.violation: tuple[str, str, str] | None = None
 
@@ -87,6 +97,12 @@ class _Probe(TorchFunctionMode):
                 self.tainted.add(id(t))
                 self._keep.append(t)
 
+    def mark_spiking(self, tensors) -> None:
+        for t in tree_flatten(tensors)[0]:
+            if isinstance(t, Tensor):
+                self.spiking.add(id(t))
+                self._keep.append(t)
+
     def _inside_site(self) -> bool:
         return any(id(m) in self.site_modules for _, m in self.stack)
 
@@ -94,6 +110,8 @@ class _Probe(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         flat_args = tree_flatten((args, kwargs))[0]
+        if any(isinstance(a, Tensor) and id(a) in self.spiking for a in flat_args):
+            self.mark_spiking(out)
         n_tainted = sum(1 for a in flat_args if isinstance(a, Tensor) and id(a) in self.tainted)
         if n_tainted == 0 or self.violation is not None:
             return out
@@ -134,25 +152,30 @@ def find_sites(model: nn.Module, example: Tensor) -> list[Site]:
     order: list[Site] = []
     names = {id(m): name for name, m in model.named_modules()}
     handles = []
+    encoding: dict[str, bool] = {}
 
     def pre_hook(module, inputs):
         stack.append((names[id(module)], module))
+        name = site_names.get(id(module))
+        if name is not None and name not in encoding:
+            encoding[name] = not any(isinstance(t, Tensor) and id(t) in probe.spiking for t in inputs)
 
     def post_hook(module, inputs, output):
         stack.pop()
         name = site_names.get(id(module))
         if name is None:
             return
+        probe.mark_spiking(output)
         calls[name] = calls.get(name, 0) + 1
         if calls[name] == 1 and isinstance(output, Tensor):
             activation, cap = ACTIVATIONS[type(module)]
             channels = output.shape[1] if output.dim() > 1 else 1
-            order.append(Site(name, activation, int(channels), output.dim(), cap))
+            order.append(Site(name, activation, int(channels), output.dim(), cap, encoding[name]))
 
+    probe = _Probe(stack, set(site_names))
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(pre_hook))
         handles.append(module.register_forward_hook(post_hook))
-    probe = _Probe(stack, set(site_names))
     try:
         with torch.inference_mode(), probe:
             probe.taint(example)

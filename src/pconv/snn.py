@@ -31,6 +31,8 @@ class ConversionInfo:
     source: ModelSource | None = None
     data_config: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: encoding sites have ceil(encoding_levels/T) neurons per channel (Site.population); 0: one
+    encoding_levels: int = 0
 
 
 class SpikingNetwork(nn.Module):
@@ -122,7 +124,7 @@ class SpikingNetwork(nn.Module):
         net = copy.deepcopy(self.net)
 
         def rebuild(old: SpikingNeuron, name: str) -> SpikingNeuron:
-            return cls(old.theta_in, old.bias, old.theta_out, old.time_steps, old.site)
+            return cls(old.theta_in, old.bias, old.theta_out, old.time_steps, old.site, old.population)
 
         swap_by_name(net, {s.name: rebuild for s in self.info.sites})
         info = copy.copy(self.info)
@@ -146,4 +148,5 @@ def info_to_json(info: ConversionInfo) -> dict[str, str]:
         "data_config": json.dumps(info.data_config, sort_keys=True),
         "provenance": json.dumps(info.provenance, sort_keys=True),
         "model": info.source.to_json() if info.source else "",
+        "encoding_levels": str(info.encoding_levels),
     }

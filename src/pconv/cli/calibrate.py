@@ -40,14 +40,25 @@ def load_model(spec: str, checkpoint: Path | None, num_classes: int | None, devi
     return model, data_config, sites
 
 
+def encoding_summary(sites: list[Site], time_steps: list[int], encoding_levels: int) -> str:
+    """One line: how many neurons per channel the encoding sites have at each T."""
+    encoders = [s for s in sites if s.encoding]
+    if not encoders or encoding_levels == 0:
+        return "one neuron per channel at every site"
+    per_t = ", ".join(f"{encoders[0].population(T, encoding_levels)} at T={T}" for T in time_steps)
+    return f"{', '.join(s.name for s in encoders)}: neurons per channel {per_t} (≥ {encoding_levels} levels)"
+
+
 def calibrate_on_folder(model: nn.Module, data_config: dict[str, Any], data: Path, time_steps: list[int],
                         threshold: str, method: str, num_images: int | None, batch_size: int, seed: int,
-                        workers: int, progress: RichProgress, extra: dict[str, Any]) -> Calibration:
+                        workers: int, progress: RichProgress, extra: dict[str, Any],
+                        encoding_levels: int) -> Calibration:
     """Calibrate `model` on images of the folder `data`; provenance says where everything came from."""
     torch.manual_seed(seed)
     loader = make_loader(data, data_config, batch_size, num_images, seed, workers, cap=DEFAULT_CALIBRATION_IMAGES)
     calibration = run_calibrate(model, FirstPassProgress(loader, progress), time_steps=time_steps,
-                                threshold=threshold, method=method, progress=progress)
+                                threshold=threshold, method=method, progress=progress,
+                                encoding_levels=encoding_levels)
     calibration.data_config = dict(data_config)
     calibration.provenance.update({
         "data": str(data),
@@ -79,7 +90,8 @@ def calibrate_on_folder(model: nn.Module, data_config: dict[str, Any], data: Pat
 @debug_option
 def calibrate(model: str, data: Path, output: Path, time_steps: list[int], checkpoint: Path | None,
               num_classes: int | None, num_images: int | None, batch_size: int, seed: int, workers: int,
-              threshold: str, method: str, mean, std, input_size, device: str, force: bool, as_json: bool) -> None:
+              threshold: str, method: str, encoding_levels: int, mean, std, input_size, device: str, force: bool,
+              as_json: bool) -> None:
     """Record thresholds and DA calibration statistics of MODEL on the images in --data.
 
     The file holds everything `pconv convert --calib` needs for each T given with -T, so conversion can be
@@ -93,7 +105,7 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
     with out.progress() as progress:
         calibration = calibrate_on_folder(net, data_config, data, time_steps, threshold, method, num_images,
                                           batch_size, seed, workers, progress,
-                                          {"checkpoint": checkpoint.name if checkpoint else None})
+                                          {"checkpoint": checkpoint.name if checkpoint else None}, encoding_levels)
         path = save_calibration(calibration, output, force=force) if distributed.is_main() else output
         distributed.barrier()  # rank 0 has written the file before any rank reads it
     doc = {
@@ -104,6 +116,9 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
         "time_steps": calibration.time_steps,
         "threshold": calibration.threshold,
         "calibration": calibration.method,
+        "encoding_levels": calibration.encoding_levels,
+        "populations": {T: {n: m for n, m in calibration.populations(T).items() if m > 1}
+                        for T in calibration.time_steps},
         "num_sites": len(calibration.sites),
         "num_images": calibration.provenance.get("num_images"),
         "seed": seed,
@@ -121,6 +136,7 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
             ("T", ", ".join(map(str, calibration.time_steps))),
             ("threshold", calibration.threshold),
             ("calibration", calibration.method),
+            ("encoding", encoding_summary(calibration.sites, calibration.time_steps, calibration.encoding_levels)),
             ("images", f"{doc['num_images']} from {data} (seed {seed})"),
             ("input", f"{'x'.join(map(str, data_config['input_size']))}, mean {tuple(data_config['mean'])}, "
                       f"std {tuple(data_config['std'])}"),

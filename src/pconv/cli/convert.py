@@ -14,14 +14,14 @@ from ..fileio import check_output
 from ..models import weights_fingerprint
 from ..pipeline import Calibration, build_snn
 from ..sites import Site
-from .calibrate import calibrate_on_folder, load_model
+from .calibrate import encoding_summary, calibrate_on_folder, load_model
 from .output import Output, human_bytes, key_value_table
 from .options import (DEFAULT_CALIBRATION_IMAGES, TimeSteps, calibration_method_option, check_not_given,
                       debug_option, device_option, json_option, loader_options, model_label, model_options,
                       neuron_option, preprocessing_options, resolve_device, threshold_option)
 
 DEFAULT_T = 8
-CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", "threshold", "method", "mean", "std",
+CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", "threshold", "method", "encoding_levels", "mean", "std",
                        "input_size"]
 
 
@@ -68,7 +68,7 @@ def check_calibration_fits(calibration: Calibration, sites: list[Site], fingerpr
 def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | None, output: Path,
             time_steps: int | None, neuron: str, checkpoint: Path | None, num_classes: int | None,
             num_images: int | None, batch_size: int, seed: int, workers: int, threshold: str, method: str,
-            mean, std, input_size, device: str, force: bool, as_json: bool) -> None:
+            encoding_levels: int, mean, std, input_size, device: str, force: bool, as_json: bool) -> None:
     """Convert MODEL into a spiking network with T time steps and write it to one safetensors file.
 
     Calibrate on the images in --data (thresholds, then DA calibration), or reuse a calibration file made
@@ -102,7 +102,8 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
             time_steps = time_steps or DEFAULT_T
             calibration = calibrate_on_folder(net, data_config, data, [time_steps], threshold, method, num_images,
                                               batch_size, seed, workers, progress,
-                                              {"checkpoint": checkpoint.name if checkpoint else None})
+                                              {"checkpoint": checkpoint.name if checkpoint else None},
+                                              encoding_levels)
             source = f"{calibration.provenance.get('num_images')} images from {data} (seed {seed})"
         snn = build_snn(net, calibration, time_steps, neuron)
         snn.info.source = net.pconv_source  # how this model was built, whatever the calibration recorded
@@ -118,6 +119,8 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
         "neuron": neuron,
         "threshold": calibration.threshold,
         "calibration": calibration.method,
+        "encoding_levels": calibration.encoding_levels,
+        "populations": {n: m for n, m in calibration.populations(time_steps).items() if m > 1},
         "calibrated_on": source,
         "num_sites": len(snn.info.sites),
         "num_channels": sum(neurons_per_site.values()),
@@ -134,6 +137,7 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
             ("sites", f"{len(snn.info.sites)} spiking layers, {doc['num_channels']} channels"),
             ("threshold", calibration.threshold),
             ("calibration", f"{calibration.method} on {source}"),
+            ("encoding", encoding_summary(snn.info.sites, [time_steps], calibration.encoding_levels)),
             ("time", f"{doc['seconds']:.1f} s on {dev}"),
         ], title=f"SNN written to {path} ({human_bytes(doc['bytes'])})"))
         console.print(f"Next: pconv eval {path} --data DIR", markup=False)

@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 
 from ..errors import FormatError
+from ..sites import Site
 from ..format import Header, read_header
 from .output import Output, human_bytes, key_value_table
 from .options import debug_option, json_option
@@ -50,6 +51,7 @@ def describe(path: Path, header: Header, thresholds: bool = True) -> dict[str, A
         "neuron": meta.get("neuron") if kind == "snn" else None,
         "threshold": meta.get("threshold"),
         "calibration": meta.get("calibration"),
+        "encoding_levels": int(meta.get("encoding_levels", "0") or 0),
         "data_config": header.json("data_config"),
         "provenance": header.json("provenance"),
         "num_tensors": len(header.tensors),
@@ -69,6 +71,14 @@ def describe(path: Path, header: Header, thresholds: bool = True) -> dict[str, A
     out_sites = []
     for s in sites:
         entry = dict(s)
+        try:
+            site = Site.from_dict(s)
+        except TypeError:
+            raise FormatError(f"{str(path)!r} has a malformed site list", "the file is corrupt") from None
+        steps = [doc["time_steps"]] if kind == "snn" else doc["time_steps"]
+        entry["population"] = {str(t): site.population(t, doc["encoding_levels"]) for t in steps}
+        if kind == "snn":
+            entry["population"] = entry["population"][str(doc["time_steps"])]
         if thresholds and kind == "snn":
             entry["theta"] = stats[names[s["name"]]]
         elif thresholds:
@@ -91,6 +101,7 @@ def render(console, doc: dict[str, Any]) -> None:
     rows += [
         ("threshold", doc["threshold"]),
         ("calibration", doc["calibration"]),
+        ("encoding levels", doc["encoding_levels"]),
         ("data config", ", ".join(f"{k}={v}" for k, v in sorted(doc["data_config"].items()))),
     ]
     rows += [(f"provenance.{k}", v) for k, v in sorted(doc["provenance"].items())]
@@ -106,6 +117,7 @@ def render(console, doc: dict[str, Any]) -> None:
     table.add_column("site", no_wrap=True)
     table.add_column("activation")
     table.add_column("channels", justify="right")
+    table.add_column("neurons/channel", justify="right")
     # Thresholds at one T (for a calibration: the smallest; they differ across T only for T-aware methods).
     t0 = doc["time_steps"] if doc["kind"] == "snn" else doc["time_steps"][0]
     with_theta = bool(doc["sites"]) and "theta" in doc["sites"][0]
@@ -115,7 +127,7 @@ def render(console, doc: dict[str, Any]) -> None:
         table.add_column(f"θ max{suffix}", justify="right")
     for i, s in enumerate(doc["sites"]):
         cells = [str(i), s["name"], s["activation"] + (f" (cap {s['cap']:g})" if s.get("cap") else ""),
-                 str(s["channels"])]
+                 str(s["channels"]), str(s["population"] if doc["kind"] == "snn" else s["population"][str(t0)])]
         if with_theta:
             th = s["theta"] if doc["kind"] == "snn" else s["theta"][str(t0)]
             cells += [f"{th['mean']:.4g}", f"{th['max']:.4g}"]

@@ -14,7 +14,8 @@ from ..data import image_dataset, resolve_config, subset
 from .. import distributed
 from ..errors import ConfigError
 from ..neurons import ENGINES, NEURONS
-from ..pipeline import DEFAULT_CALIBRATION, DEFAULT_THRESHOLD, check_time_steps
+from ..pipeline import (DEFAULT_CALIBRATION, DEFAULT_ENCODING_LEVELS, DEFAULT_THRESHOLD, MAX_TIME_STEPS,
+                        check_time_steps)
 from ..thresholds import THRESHOLDS, ThresholdSpec
 
 DEBUG_KEY = "pconv.debug"
@@ -152,9 +153,13 @@ def threshold_option(f: Callable) -> Callable:
 
 
 def calibration_method_option(f: Callable) -> Callable:
+    f = click.option("--encoding-levels", type=click.IntRange(0, MAX_TIME_STEPS), default=DEFAULT_ENCODING_LEVELS,
+                     show_default=True,
+                     help="Levels the encoding layer (the neurons that see the image) resolves at any T, with "
+                          "ceil(levels/T) neurons per channel; 0: one neuron per channel.")(f)
     return click.option("--calibration", "method", type=click.Choice(CALIBRATIONS.names()),
-                        default=DEFAULT_CALIBRATION,
-                        show_default=True, help="Distribution-error calibration (da) or none (plain QCFS).")(f)
+                        default=DEFAULT_CALIBRATION, show_default=True,
+                        help="refit (pconv's default), fit, da (the paper's), or none (plain QCFS).")(f)
 
 
 def neuron_option(default: str | None, help: str) -> Callable[[Callable], Callable]:
