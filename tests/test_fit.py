@@ -11,7 +11,8 @@ import nets
 import pconv
 from pconv import export
 from pconv.calibrate import CALIBRATIONS
-from pconv.fit import SHIFT_STEPS, THRESHOLD_FRACTIONS, activation, search_site
+from pconv.fit import (MIN_FRACTION, REFINE_FRACTIONS, REFINE_SHIFTS, SHIFT_STEPS, THRESHOLD_FRACTIONS, activation,
+                       search_site)
 from pconv.pipeline import changed_weights
 from pconv.quantize import quantize
 from pconv.refit import normal_equations, solve
@@ -42,7 +43,13 @@ def test_site_search_finds_the_best_candidate_and_its_amplitude():
         y = activation(x_ann[:, c].reshape(-1), None)
         errors = {(f, s): brute_force_error(q, y, base[c] * f, s, levels)[0]
                   for f in THRESHOLD_FRACTIONS for s in SHIFT_STEPS}
+        (f1, s1), first = min(errors.items(), key=lambda kv: kv[1].item())
+        # second stage: the finer grid around the first choice
+        errors = {(f, s): brute_force_error(q, y, base[c] * f, s, levels)[0]
+                  for f in [min(max(f1 + d, MIN_FRACTION), 1.0) for d in REFINE_FRACTIONS]
+                  for s in [s1 + d for d in REFINE_SHIFTS]}
         (f, s), best = min(errors.items(), key=lambda kv: kv[1].item())
+        assert best <= first  # the finer grid holds the first choice: never worse
         assert theta[c].item() == pytest.approx(base[c].item() * f, rel=1e-12)
         assert delta_in[c].item() == pytest.approx(theta[c].item() / levels * s, rel=1e-9, abs=1e-12)
         _, amplitude = brute_force_error(q, y, theta[c], s, levels)

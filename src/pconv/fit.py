@@ -8,7 +8,8 @@ ANN's. The site is calibrated on that pair before the forward goes on, which mak
 sequential over layers (each site corrects what its predecessors left) at the cost of one pass.
 
 Per channel, a grid search over the threshold (fractions of the recorded one) and the rounding shift
-delta_in keeps the pair whose output, at its least-squares amplitude, is closest to the ANN's:
+delta_in, refined around its best point, keeps the pair whose output, at its least-squares amplitude, is
+closest to the ANN's:
     k         = clamp(floor(T*(x_q + delta_in)/theta + 1/2), 0, T)      the spike count
     theta_out = T * E[k*y] / E[k^2]                                      y = ReLU(x_ann) (or ReLU6)
     error     = E[(theta_out/T * k - y)^2]
@@ -32,6 +33,12 @@ Progress = Callable[[], None] | None
 THRESHOLD_FRACTIONS = torch.linspace(0.2, 1.0, 33).tolist()
 #: Rounding shifts tried, in quantization steps (theta/T).
 SHIFT_STEPS = (-0.25, 0.0, 0.25)
+#: Second stage, around each channel's first-stage choice: offsets of the fraction and of the shift (both
+#: include 0, so the second stage never does worse on the searched positions).
+REFINE_FRACTIONS = torch.linspace(-0.0125, 0.0125, 5).tolist()
+REFINE_SHIFTS = (-0.125, 0.0, 0.125)
+#: Smallest threshold fraction considered.
+MIN_FRACTION = 0.05
 #: Positions per channel the search looks at, drawn at random (seeded) from the calibration set.
 SAMPLES_PER_CHANNEL = 8192
 #: The doubled calibration batch is capped so that its largest site input takes at most this many bytes;
@@ -49,9 +56,45 @@ def _sample(x: Tensor, index: Tensor | None) -> Tensor:
     return rows if index is None else rows[:, index]
 
 
+def _candidate_sums(q: Tensor, y: Tensor, base: Tensor, fractions: Tensor, shifts: Tensor,
+                    levels: int) -> Tensor:
+    """[C, 2]: (sum k*y, sum k^2) per channel for the per-channel candidate (threshold fraction, shift)."""
+    scale = (levels / (base * fractions).clamp_min(1e-6)).float().unsqueeze(1)
+    offset = (0.5 + shifts).float().unsqueeze(1)
+    k = torch.addcmul(offset, q, scale).floor_().clamp_(0, levels)
+    return torch.stack([(k * y).sum(dim=1, dtype=torch.float64), (k * k).sum(dim=1, dtype=torch.float64),
+                        k.sum(dim=1, dtype=torch.float64)], dim=1)
+
+
+#: How the spike amplitude is chosen for a candidate: "lsq" minimises the squared error (shrinks the output
+#: when the input carries upstream error), "mean" matches the ANN's mean output.
+AMPLITUDE = "lsq"
+
+
+def _amplitude(sums: Tensor, y_sum: Tensor, step: Tensor) -> Tensor:
+    """Output per spike of each candidate; `step` is its theta/L (the amplitude of plain QCFS)."""
+    ky, kk, k = sums[..., 0], sums[..., 1], sums[..., 2]
+    if AMPLITUDE == "theta":
+        return step.expand_as(kk)
+    if AMPLITUDE == "mean":
+        return torch.where(k > 0, y_sum.unsqueeze(-1) / k.clamp_min(1e-300), torch.zeros_like(k))
+    return torch.where(kk > 0, ky / kk.clamp_min(1e-300), torch.zeros_like(kk))
+
+
+def _best(sums: Tensor, y_sum: Tensor, step: Tensor) -> Tensor:
+    """Index of the best candidate per channel: sums [C, J, 3]; the error, up to the common sum y^2, is
+    amp^2*kk - 2*amp*ky."""
+    ky, kk = sums[..., 0], sums[..., 1]
+    amp = _amplitude(sums, y_sum, step)
+    return (amp * amp * kk - 2 * amp * ky).argmin(dim=1)
+
+
 def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: float | None,
                 samples: int = SAMPLES_PER_CHANNEL) -> tuple[Tensor, Tensor, Tensor]:
-    """(theta, delta_in, delta_out) per channel that best reproduce activation(x_ann) from x_q."""
+    """(theta, delta_in, delta_out) per channel that best reproduce activation(x_ann) from x_q.
+
+    Two stages: the grid THRESHOLD_FRACTIONS x SHIFT_STEPS, then a finer grid around each channel's best
+    (REFINE_FRACTIONS x REFINE_SHIFTS, which includes the first-stage choice)."""
     positions = x_q.numel() // x_q.shape[1] if x_q.numel() else 0
     index = None
     if positions > samples:
@@ -60,26 +103,27 @@ def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: flo
     q = _sample(x_q, index).float()
     y = activation(_sample(x_ann, index), cap).float()
     base = theta.double()
-    candidates = [(f, s) for f in THRESHOLD_FRACTIONS for s in SHIFT_STEPS]
-    # sums[c, j] = (sum k*y, sum k^2) for candidate j; sum y^2 is common to all candidates.
-    sums = torch.zeros(len(base), len(candidates), 2, dtype=torch.float64, device=q.device)
-    for j, (fraction, shift) in enumerate(candidates):
-        scale = (levels / (base * fraction).clamp_min(1e-6)).float().unsqueeze(1)
-        k = torch.addcmul(torch.full_like(q[:, :1], 0.5 + shift), q, scale).floor_().clamp_(0, levels)
-        sums[:, j, 0] = (k * y).sum(dim=1, dtype=torch.float64)
-        sums[:, j, 1] = (k * k).sum(dim=1, dtype=torch.float64)
+    ones = torch.ones_like(base)
+    grid = [(f, s) for f in THRESHOLD_FRACTIONS for s in SHIFT_STEPS]
+    sums = torch.stack([_candidate_sums(q, y, base, ones * f, ones * s, levels) for f, s in grid], dim=1)
+    y_sum = distributed.reduce_sum(y.sum(dim=1, dtype=torch.float64))
+    steps = base.unsqueeze(1) * torch.tensor([f for f, _ in grid], dtype=torch.float64, device=q.device) / levels
+    best = _best(distributed.reduce_sum(sums), y_sum, steps)
+    fraction = torch.tensor([f for f, _ in grid], dtype=torch.float64, device=q.device)[best]
+    shift = torch.tensor([s for _, s in grid], dtype=torch.float64, device=q.device)[best]
+    fine = [((fraction + df).clamp(MIN_FRACTION, 1.0), shift + ds) for df in REFINE_FRACTIONS for ds in REFINE_SHIFTS]
+    sums = torch.stack([_candidate_sums(q, y, base, f, s, levels) for f, s in fine], dim=1)
     sums = distributed.reduce_sum(sums)
-    ky, kk = sums[..., 0], sums[..., 1]
-    # error up to the common sum y^2: amp^2*kk - 2*amp*ky = -ky^2/kk at the optimal amplitude
-    gain = torch.where(kk > 0, ky * ky / kk.clamp_min(1e-300), torch.zeros_like(kk))
-    best = gain.argmax(dim=1)
-    fractions = torch.tensor([f for f, _ in candidates], dtype=torch.float64, device=q.device)[best]
-    shifts = torch.tensor([s for _, s in candidates], dtype=torch.float64, device=q.device)[best]
-    new_theta = (base * fractions).clamp_min(1e-6)
+    steps = base.unsqueeze(1) * torch.stack([f for f, _ in fine], dim=1) / levels
+    best = _best(sums, y_sum, steps)
     rows = torch.arange(len(base), device=q.device)
-    ky_best, kk_best = ky[rows, best], kk[rows, best]
-    amplitude = torch.where(kk_best > 0, ky_best / kk_best.clamp_min(1e-300), new_theta / levels)
-    delta_in = new_theta / levels * shifts
+    fraction = torch.stack([f for f, _ in fine], dim=1)[rows, best]
+    shift = torch.stack([s for _, s in fine], dim=1)[rows, best]
+    new_theta = (base * fraction).clamp_min(1e-6)
+    chosen = sums[rows, best]
+    amplitude = _amplitude(chosen.unsqueeze(1), y_sum, (new_theta / levels).unsqueeze(1))[:, 0]
+    amplitude = torch.where(chosen[:, 1] > 0, amplitude, new_theta / levels)
+    delta_in = new_theta / levels * shift
     delta_out = amplitude * levels - new_theta
     return new_theta.to(theta), delta_in.to(theta), delta_out.to(theta)
 

@@ -32,7 +32,10 @@ from .thresholds import ThresholdSpec
 MAX_TIME_STEPS = 4096
 
 DEFAULT_THRESHOLD = "max"
-DEFAULT_CALIBRATION = "refit"
+DEFAULT_CALIBRATION = "auto"
+#: `auto` runs `fit` (on the --threshold values) up to this T, and the mse threshold without shifts above it
+#: (docs/accuracy.md: the fitted shifts and amplitudes gain most where quantization error dominates, at low T).
+AUTO_FIT_MAX_T = 8
 #: Encoding sites (no neuron between them and the image) resolve at least this many levels at any T,
 #: with ceil(levels/T) neurons per channel (Site.population); 0 turns population coding off.
 DEFAULT_ENCODING_LEVELS = 64
@@ -44,6 +47,13 @@ def check_time_steps(time_steps: Any) -> int:
     if not 1 <= time_steps <= MAX_TIME_STEPS:
         raise ConfigError(f"T must be between 1 and {MAX_TIME_STEPS}, got {time_steps}", "typical values are 4 to 32")
     return time_steps
+
+
+def plan(spec: ThresholdSpec, method: str, time_steps: int) -> tuple[ThresholdSpec, str]:
+    """The threshold and calibration method actually run at T (they differ from the arguments for `auto`)."""
+    if method != "auto":
+        return spec, method
+    return (spec, "fit") if time_steps <= AUTO_FIT_MAX_T else (ThresholdSpec.parse("mse"), "none")
 
 
 def check_encoding_levels(levels: Any) -> int:
@@ -129,7 +139,9 @@ def calibrate(
         raise ConfigError("no T given", "for example time_steps=[4, 8, 16]")
     steps = sorted({check_time_steps(t) for t in steps})
     spec = ThresholdSpec.parse(threshold)
-    calibrator = CALIBRATIONS.get(method)
+    CALIBRATIONS.get(method)
+    plans = {T: plan(spec, method, T) for T in steps}
+    histograms = any(p.needs_histogram for p, _ in plans.values())
     progress = progress or NoProgress()
     work = copy.deepcopy(model).eval()
     device = next(work.parameters()).device
@@ -138,17 +150,20 @@ def calibrate(
     first, data = first_batch(data)
     sites = find_sites(work, first[:1].to(device))
     batches = ImageBatches(data, num_images)
-    passes = 2 if spec.needs_histogram else 1
-    stats = record_activations(work, sites, batches, histograms=spec.needs_histogram, bins=bins,
+    passes = 2 if histograms else 1
+    stats = record_activations(work, sites, batches, histograms=histograms, bins=bins,
                                progress=progress.stage("recording thresholds", passes * len(batches)))
     params: dict[int, dict[str, SiteParams]] = {}
     weights: dict[int, dict[str, Tensor]] = {}
+    notes: dict[str, Any] = {}
     for T in steps:
-        thetas = {s.name: spec.compute(stats[s.name], T * s.population(T, encoding_levels)) for s in sites}
+        spec_t, method_t = plans[T]
+        thetas = {s.name: spec_t.compute(stats[s.name], T * s.population(T, encoding_levels)) for s in sites}
         qnet = copy.deepcopy(work)
         modules = quantize(qnet, sites, thetas, T, encoding_levels)
-        total = calibration_ticks(method, len(sites), len(batches))
-        notes = calibrator(qnet, modules, batches, progress.stage(f"calibrating T={T}", total) if total else None)
+        total = calibration_ticks(method_t, len(sites), len(batches))
+        stage = progress.stage(f"calibrating T={T}", total) if total else None
+        notes.update(CALIBRATIONS.get(method_t)(qnet, modules, batches, stage) or {})
         params[T] = {name: SiteParams(m.theta.cpu(), m.delta_in.cpu(), m.delta_out.cpu())
                      for name, m in modules.items()}
         changed = changed_weights(work, qnet, modules)
@@ -159,8 +174,10 @@ def calibrate(
         "world_size": distributed.world_size(),
         "calibration_seconds": round(time.perf_counter() - started, 3),
         "torch_version": torch.__version__,
-        **(notes or {}),
+        **notes,
     }
+    if method == "auto":
+        provenance["auto"] = {str(T): f"{p}/{m}" for T, (p, m) in plans.items()}
     return Calibration(sites, str(spec), method, params, {n: s.max.cpu() for n, s in stats.items()},
                        source_of(model), data_config_of(model), provenance, weights, encoding_levels)
 

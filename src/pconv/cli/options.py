@@ -159,7 +159,8 @@ def calibration_method_option(f: Callable) -> Callable:
                           "ceil(levels/T) neurons per channel; 0: one neuron per channel.")(f)
     return click.option("--calibration", "method", type=click.Choice(CALIBRATIONS.names()),
                         default=DEFAULT_CALIBRATION, show_default=True,
-                        help="refit (pconv's default), fit, da (the paper's), or none (plain QCFS).")(f)
+                        help="auto (pconv's default: fit at T <= 8, mse thresholds above), fit, refit, "
+                             "da (the paper's), or none (plain QCFS).")(f)
 
 
 def neuron_option(default: str | None, help: str) -> Callable[[Callable], Callable]:
