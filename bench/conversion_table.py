@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import realdata  # noqa: E402
 
 import pconv  # noqa: E402
-from pconv.pipeline import DEFAULT_CALIBRATION, DEFAULT_THRESHOLD  # noqa: E402
+from pconv.pipeline import DEFAULT_CALIBRATION, DEFAULT_ENCODING_LEVELS, DEFAULT_THRESHOLD  # noqa: E402
 
 STEPS = [4, 8, 16, 32]
 
@@ -30,9 +30,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threshold", default=DEFAULT_THRESHOLD)
     parser.add_argument("--calibration", default=DEFAULT_CALIBRATION)
+    parser.add_argument("--encoding-levels", type=int, default=DEFAULT_ENCODING_LEVELS,
+                        help="0 for the paper's network (one neuron per channel everywhere)")
     args = parser.parse_args()
     print(f"# pconv {pconv.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads; threshold={args.threshold}, calibration={args.calibration}\n")
+          f"{torch.get_num_threads()} threads; threshold={args.threshold}, calibration={args.calibration}, "
+          f"encoding levels={args.encoding_levels}\n")
     print("| model | ANN | " + " | ".join(f"SNN T={T}" for T in STEPS) + " | calibration s |")
     print("|---|---|" + "---|" * len(STEPS) + "---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,7 +44,7 @@ def main() -> None:
             calib, test = realdata.SPLITS[name](Path(tmp) / name, model)
             started = time.perf_counter()
             calibration = pconv.calibrate(model, calib, time_steps=STEPS, threshold=args.threshold,
-                                          method=args.calibration)
+                                          method=args.calibration, encoding_levels=args.encoding_levels)
             seconds = time.perf_counter() - started
             accs = [realdata.top1(pconv.convert(model, calibration, time_steps=T), test) for T in STEPS]
             ann = realdata.top1(model, test)

@@ -54,4 +54,5 @@ def mnist_split(root: Path, model: torch.nn.Module, n_calib: int = 1000):
     return [x for x, _ in batches(calib_dir, model)], batches(eval_dir, model, batch_size=1000)
 
 
-SPLITS = {"cifar10_resnet20_akamaster": cifar10_split, "mnist_lenet5_snntoolbox": mnist_split}
+SPLITS = {"cifar10_resnet20_akamaster": cifar10_split, "mnist_lenet5_snntoolbox": mnist_split,
+          "cifar10_avgpool_cnn_snntoolbox": cifar10_split}

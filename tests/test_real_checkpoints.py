@@ -26,7 +26,7 @@ def prepared(request, tmp_path_factory):
 def test_snn_keeps_ann_accuracy(prepared):
     name, model, calibration, test = prepared
     ann = realdata.top1(model, test)
-    assert ann > 85.0  # the checkpoint really loaded
+    assert ann > 80.0  # the checkpoint really loaded (chance is 10 %)
     for T, tolerance in TOLERANCE.items():
         snn = pconv.convert(model, calibration, time_steps=T)
         acc = realdata.top1(snn, test)

@@ -62,30 +62,20 @@ def _candidate_sums(q: Tensor, y: Tensor, base: Tensor, fractions: Tensor, shift
     scale = (levels / (base * fractions).clamp_min(1e-6)).float().unsqueeze(1)
     offset = (0.5 + shifts).float().unsqueeze(1)
     k = torch.addcmul(offset, q, scale).floor_().clamp_(0, levels)
-    return torch.stack([(k * y).sum(dim=1, dtype=torch.float64), (k * k).sum(dim=1, dtype=torch.float64),
-                        k.sum(dim=1, dtype=torch.float64)], dim=1)
+    return torch.stack([(k * y).sum(dim=1, dtype=torch.float64), (k * k).sum(dim=1, dtype=torch.float64)], dim=1)
 
 
-#: How the spike amplitude is chosen for a candidate: "lsq" minimises the squared error (shrinks the output
-#: when the input carries upstream error), "mean" matches the ANN's mean output.
-AMPLITUDE = "lsq"
-
-
-def _amplitude(sums: Tensor, y_sum: Tensor, step: Tensor) -> Tensor:
-    """Output per spike of each candidate; `step` is its theta/L (the amplitude of plain QCFS)."""
-    ky, kk, k = sums[..., 0], sums[..., 1], sums[..., 2]
-    if AMPLITUDE == "theta":
-        return step.expand_as(kk)
-    if AMPLITUDE == "mean":
-        return torch.where(k > 0, y_sum.unsqueeze(-1) / k.clamp_min(1e-300), torch.zeros_like(k))
+def _amplitude(sums: Tensor) -> Tensor:
+    """Least-squares output per spike of each candidate, sum k*y / sum k^2 (0 for a silent candidate)."""
+    ky, kk = sums[..., 0], sums[..., 1]
     return torch.where(kk > 0, ky / kk.clamp_min(1e-300), torch.zeros_like(kk))
 
 
-def _best(sums: Tensor, y_sum: Tensor, step: Tensor) -> Tensor:
-    """Index of the best candidate per channel: sums [C, J, 3]; the error, up to the common sum y^2, is
+def _best(sums: Tensor) -> Tensor:
+    """Index of the best candidate per channel: sums [C, J, 2]; the error, up to the common sum y^2, is
     amp^2*kk - 2*amp*ky."""
     ky, kk = sums[..., 0], sums[..., 1]
-    amp = _amplitude(sums, y_sum, step)
+    amp = _amplitude(sums)
     return (amp * amp * kk - 2 * amp * ky).argmin(dim=1)
 
 
@@ -106,23 +96,19 @@ def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: flo
     ones = torch.ones_like(base)
     grid = [(f, s) for f in THRESHOLD_FRACTIONS for s in SHIFT_STEPS]
     sums = torch.stack([_candidate_sums(q, y, base, ones * f, ones * s, levels) for f, s in grid], dim=1)
-    y_sum = distributed.reduce_sum(y.sum(dim=1, dtype=torch.float64))
-    steps = base.unsqueeze(1) * torch.tensor([f for f, _ in grid], dtype=torch.float64, device=q.device) / levels
-    best = _best(distributed.reduce_sum(sums), y_sum, steps)
+    best = _best(distributed.reduce_sum(sums))
     fraction = torch.tensor([f for f, _ in grid], dtype=torch.float64, device=q.device)[best]
     shift = torch.tensor([s for _, s in grid], dtype=torch.float64, device=q.device)[best]
     fine = [((fraction + df).clamp(MIN_FRACTION, 1.0), shift + ds) for df in REFINE_FRACTIONS for ds in REFINE_SHIFTS]
     sums = torch.stack([_candidate_sums(q, y, base, f, s, levels) for f, s in fine], dim=1)
     sums = distributed.reduce_sum(sums)
-    steps = base.unsqueeze(1) * torch.stack([f for f, _ in fine], dim=1) / levels
-    best = _best(sums, y_sum, steps)
+    best = _best(sums)
     rows = torch.arange(len(base), device=q.device)
     fraction = torch.stack([f for f, _ in fine], dim=1)[rows, best]
     shift = torch.stack([s for _, s in fine], dim=1)[rows, best]
     new_theta = (base * fraction).clamp_min(1e-6)
     chosen = sums[rows, best]
-    amplitude = _amplitude(chosen.unsqueeze(1), y_sum, (new_theta / levels).unsqueeze(1))[:, 0]
-    amplitude = torch.where(chosen[:, 1] > 0, amplitude, new_theta / levels)
+    amplitude = torch.where(chosen[:, 1] > 0, _amplitude(chosen), new_theta / levels)
     delta_in = new_theta / levels * shift
     delta_out = amplitude * levels - new_theta
     return new_theta.to(theta), delta_in.to(theta), delta_out.to(theta)
