@@ -127,3 +127,26 @@ def test_population_survives_the_file_round_trip(tmp_path):
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         assert torch.equal(loaded(x), snn(x))
+
+
+def test_a_corrupt_encoding_levels_entry_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pconv.cli.main import cli
+    from click.testing import CliRunner
+
+    model = nets.vgg_small().eval()
+    model.pconv_source = pconv.ModelSource("factory", "nets:vgg_small")
+    images = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(6))]
+    path = pconv.save(pconv.convert(model, images, time_steps=4, calibration="none"), tmp_path / "s.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    meta["encoding_levels"] = "sixty-four"
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(pconv.FormatError, match="encoding_levels"):
+        pconv.load(bad)
+    result = CliRunner().invoke(cli, ["inspect", str(bad)])
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith("Error:")

@@ -189,8 +189,8 @@ def refit_to_ann(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequenc
 @CALIBRATIONS.register("auto")
 def automatic(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor],
               progress: Progress = None) -> dict:
-    """pconv's default: `fit` at T <= pipeline.AUTO_FIT_MAX_T; above, the pipeline takes mse thresholds and no
-    calibration instead of calling this."""
+    """pconv's default. The pipeline resolves it per T (pipeline.plan): `fit` at T <= AUTO_FIT_MAX_T, the mse
+    threshold with no calibration above; called directly, it is `fit`."""
     return fit_sites(model, modules, batches, progress)
 
 
@@ -198,6 +198,6 @@ def calibration_ticks(method: str, n_sites: int, n_batches: int) -> int:
     """How many times a method calls its progress callback (for progress bars)."""
     if method == "none":
         return 0
-    if method in ("fit", "refit", "auto"):
+    if method in ("fit", "refit"):
         return n_sites  # one paired pass, one tick per site reached
     return (1 + 2 * n_sites) * n_batches  # one pass over the batches per tick

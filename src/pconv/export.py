@@ -86,7 +86,7 @@ def _sites(header: Header) -> list[Site]:
         raise FormatError("the site list in the metadata is malformed", "the file is corrupt") from None
 
 
-def _encoding_levels(header: Header) -> int:
+def encoding_levels_of(header: Header) -> int:
     """Absent before format version 3: one neuron per channel everywhere."""
     value = header.metadata.get("encoding_levels", "0")
     if not value.isdigit():
@@ -130,7 +130,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SpikingNetwork
     # The file stores neuron parameters; pass them through a calibration whose shifts reproduce them.
     calibration = Calibration(sites, meta["threshold"], meta["calibration"], {T: {}}, {}, source,
                               header.json("data_config"), header.json("provenance"),
-                              encoding_levels=_encoding_levels(header))
+                              encoding_levels=encoding_levels_of(header))
     for site in sites:
         calibration.params[T][site.name] = SiteParams(*(torch.zeros(site.channels),) * 3)
     snn = build_snn(model, calibration, T, neuron)
@@ -192,4 +192,4 @@ def load_calibration(path: str | Path) -> Calibration:
     source = ModelSource.from_json(meta["model"]) if meta.get("model") else None
     channel_max = {s.name: tensors[f"stats.{s.name}.max"] for s in sites if f"stats.{s.name}.max" in tensors}
     return Calibration(sites, meta["threshold"], meta["calibration"], params, channel_max, source,
-                       header.json("data_config"), header.json("provenance"), weights, _encoding_levels(header))
+                       header.json("data_config"), header.json("provenance"), weights, encoding_levels_of(header))

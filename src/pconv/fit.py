@@ -72,11 +72,9 @@ def _amplitude(sums: Tensor) -> Tensor:
 
 
 def _best(sums: Tensor) -> Tensor:
-    """Index of the best candidate per channel: sums [C, J, 2]; the error, up to the common sum y^2, is
-    amp^2*kk - 2*amp*ky."""
-    ky, kk = sums[..., 0], sums[..., 1]
-    amp = _amplitude(sums)
-    return (amp * amp * kk - 2 * amp * ky).argmin(dim=1)
+    """Index of the best candidate per channel (sums [C, J, 2]): at the least-squares amplitude the error is
+    sum y^2 - ky^2/kk, so the best candidate has the largest ky * amplitude."""
+    return (sums[..., 0] * _amplitude(sums)).argmax(dim=1)
 
 
 def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: float | None,

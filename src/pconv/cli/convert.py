@@ -14,15 +14,15 @@ from ..fileio import check_output
 from ..models import weights_fingerprint
 from ..pipeline import Calibration, build_snn
 from ..sites import Site
-from .calibrate import encoding_summary, calibrate_on_folder, load_model
+from .calibrate import calibrate_on_folder, encoding_summary, load_model
 from .output import Output, human_bytes, key_value_table
 from .options import (DEFAULT_CALIBRATION_IMAGES, TimeSteps, calibration_method_option, check_not_given,
                       debug_option, device_option, json_option, loader_options, model_label, model_options,
                       neuron_option, preprocessing_options, resolve_device, threshold_option)
 
 DEFAULT_T = 8
-CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", "threshold", "method", "encoding_levels", "mean", "std",
-                       "input_size"]
+CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", "threshold", "method", "encoding_levels",
+                       "mean", "std", "input_size"]
 
 
 def check_calibration_fits(calibration: Calibration, sites: list[Site], fingerprint: str, path: Path) -> None:

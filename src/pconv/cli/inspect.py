@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 
 from ..errors import FormatError
+from ..export import encoding_levels_of
 from ..sites import Site
 from ..format import Header, read_header
 from .output import Output, human_bytes, key_value_table
@@ -51,7 +52,7 @@ def describe(path: Path, header: Header, thresholds: bool = True) -> dict[str, A
         "neuron": meta.get("neuron") if kind == "snn" else None,
         "threshold": meta.get("threshold"),
         "calibration": meta.get("calibration"),
-        "encoding_levels": int(meta.get("encoding_levels", "0") or 0),
+        "encoding_levels": encoding_levels_of(header),
         "data_config": header.json("data_config"),
         "provenance": header.json("provenance"),
         "num_tensors": len(header.tensors),
