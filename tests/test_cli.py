@@ -193,7 +193,7 @@ def test_eval_human_output(snn_file, folders):
 def test_inspect_snn_and_calibration(snn_file, calib_file):
     doc = run_json("inspect", snn_file)
     assert doc["kind"] == "snn" and doc["time_steps"] == 4 and doc["neuron"] == "parallel"
-    assert doc["model"]["name"] == TINY and doc["format_version"] == 3 and doc["encoding_levels"] == 64
+    assert doc["model"]["name"] == TINY and doc["format_version"] == 4 and doc["encoding_levels"] == 64
     # relu1 sees the image through conv1/bn1 only: it encodes it, with ceil(64/4) = 16 neurons per channel
     assert [s["population"] for s in doc["sites"]][:2] == [16, 1] and doc["sites"][0]["encoding"]
     snn = pconv.load(snn_file)
@@ -437,7 +437,7 @@ def test_debug_shows_the_exception(tmp_path):
     assert result.exit_code == 1 and isinstance(result.exception, pconv.ModelLoadError)
 
 
-def test_format_spec_is_enough_to_run_the_snn(snn_file, folders):
+def run_by_the_spec(snn_file, folders) -> None:
     """docs/format.md, followed by hand: read the raw file, run the count form with plain torch functions."""
     import torch.nn.functional as F
     from safetensors import safe_open
@@ -445,10 +445,11 @@ def test_format_spec_is_enough_to_run_the_snn(snn_file, folders):
     with safe_open(str(snn_file), framework="pt") as f:
         meta = f.metadata()
         t = {name: f.get_tensor(name) for name in f.keys()}
-    assert meta["pconv.format"] == "pconv" and meta["pconv.format_version"] == "3" and meta["neuron"] == "parallel"
+    assert meta["pconv.format"] == "pconv" and meta["pconv.format_version"] == "4" and meta["neuron"] == "parallel"
     T = int(meta["time_steps"])
     levels = int(meta["encoding_levels"])
-    encoding = {s["name"]: s["encoding"] for s in json.loads(meta["sites"])}
+    populated = set(json.loads(meta["populated"]))
+    encoding = {s["name"]: s["encoding"] or s["name"] in populated for s in json.loads(meta["sites"])}
     cfg = json.loads(meta["data_config"])
     w = {k[len("weights."):]: v for k, v in t.items() if k.startswith("weights.")}
 
@@ -469,6 +470,28 @@ def test_format_spec_is_enough_to_run_the_snn(snn_file, folders):
     x, _ = next(iter(image_loader(folders["test"], cfg, batch_size=18)))
     with torch.inference_mode():
         assert torch.allclose(forward(x), pconv.load(snn_file)(x), atol=1e-5)
+
+
+def test_format_spec_is_enough_to_run_the_snn(snn_file, folders):
+    run_by_the_spec(snn_file, folders)
+
+
+def test_population_budget_codes_a_hidden_site_end_to_end(folders, tmp_path):
+    calib = tmp_path / "c.safetensors"
+    doc = run_json("calibrate", TINY, "--data", folders["calib"], "-T", "4,64", "-o", calib,
+                   "--population-budget", "100")
+    assert doc["population_budget"] == 100 and doc["populations"]["4"] == {"relu1": 16, "act2": 16}
+    assert doc["populations"]["64"] == {}  # 64 levels at T=64: no population anywhere
+    info = run_json("inspect", calib)
+    assert info["populated"] == {"4": ["act2"]} and info["sites"][1]["population"] == {"4": 16, "64": 1}
+    snn = tmp_path / "s.safetensors"
+    doc = run_json("convert", TINY, "--calib", calib, "-T", "4", "-o", snn)
+    assert doc["populations"] == {"relu1": 16, "act2": 16}
+    assert run_json("inspect", snn)["sites"][1]["population"] == 16
+    run_by_the_spec(snn, folders)
+    text = run("calibrate", TINY, "--data", folders["calib"], "-T", "4", "-o", tmp_path / "c2.safetensors",
+               "--population-budget", "100").stdout
+    assert "T=4: 1 sites × 16 neurons per channel (act2)" in text
 
 
 def test_calibration_from_the_api_without_fingerprint_warns(folders, tmp_path):

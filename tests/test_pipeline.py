@@ -31,7 +31,7 @@ def qcfs_network(model, calibration, T):
     replace_weights(qnet, calibration.weights.get(T, {}))
     params = calibration.params[T]
     modules = quantize(qnet, calibration.sites, {n: p.theta for n, p in params.items()}, T,
-                       calibration.encoding_levels)
+                       calibration.populations(T))
     for name, module in modules.items():
         module.delta_in.copy_(params[name].delta_in)
         module.delta_out.copy_(params[name].delta_out)

@@ -94,6 +94,32 @@ def encoding_levels_of(header: Header) -> int:
     return int(value)
 
 
+def populated_of(header: Header, sites: list[Site], steps: list[int]) -> dict[int, list[str]]:
+    """The hidden population-coded sites per T (absent before format version 4: none).
+
+    An SNN file stores a list (its one T), a calibration file {T: list}."""
+    raw = header.metadata.get("populated")
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise FormatError("the 'populated' metadata entry is not JSON", "the file is corrupt") from None
+    if isinstance(value, list) and len(steps) == 1:
+        value = {str(steps[0]): value}
+    names = {s.name for s in sites}
+    if not isinstance(value, dict) or any(not isinstance(v, list) for v in value.values()):
+        raise FormatError("the 'populated' metadata entry is malformed", "the file is corrupt")
+    out: dict[int, list[str]] = {}
+    for step, listed in value.items():
+        if not step.isdigit() or int(step) not in steps or not all(isinstance(n, str) and n in names for n in listed):
+            raise FormatError(f"the 'populated' metadata names a T or site the file does not have ({step!r})",
+                              "the file is corrupt")
+        if listed:
+            out[int(step)] = list(listed)
+    return out
+
+
 def _check_shapes(tensors: dict[str, Tensor], sites: list[Site], prefix: str, leaves: tuple[str, ...]) -> None:
     for site in sites:
         for leaf in leaves:
@@ -130,7 +156,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SpikingNetwork
     # The file stores neuron parameters; pass them through a calibration whose shifts reproduce them.
     calibration = Calibration(sites, meta["threshold"], meta["calibration"], {T: {}}, {}, source,
                               header.json("data_config"), header.json("provenance"),
-                              encoding_levels=encoding_levels_of(header))
+                              encoding_levels=encoding_levels_of(header), populated=populated_of(header, sites, [T]))
     for site in sites:
         calibration.params[T][site.name] = SiteParams(*(torch.zeros(site.channels),) * 3)
     snn = build_snn(model, calibration, T, neuron)
@@ -164,6 +190,7 @@ def save_calibration(calibration: Calibration, path: str | Path, force: bool = F
         "data_config": json.dumps(calibration.data_config, sort_keys=True),
         "provenance": json.dumps(calibration.provenance, sort_keys=True),
         "encoding_levels": str(calibration.encoding_levels),
+        "populated": json.dumps({str(T): names for T, names in sorted(calibration.populated.items())}),
     }
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), force)
 
@@ -192,4 +219,5 @@ def load_calibration(path: str | Path) -> Calibration:
     source = ModelSource.from_json(meta["model"]) if meta.get("model") else None
     channel_max = {s.name: tensors[f"stats.{s.name}.max"] for s in sites if f"stats.{s.name}.max" in tensors}
     return Calibration(sites, meta["threshold"], meta["calibration"], params, channel_max, source,
-                       header.json("data_config"), header.json("provenance"), weights, encoding_levels_of(header))
+                       header.json("data_config"), header.json("provenance"), weights, encoding_levels_of(header),
+                       populated_of(header, sites, sorted(params)))

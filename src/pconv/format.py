@@ -6,6 +6,8 @@ kind "calibration": T<t>.<site>.{theta,delta_in,delta_out}, stats.<site>.max,
                     refit.T<t>.<state-dict key> (layers a method refitted at that T; version 2)
 Version 3 adds the metadata entry "encoding_levels" and the "encoding" flag of each site: encoding sites
 have ceil(encoding_levels/T) neurons per channel, so a version-2 reader would build the wrong network.
+Version 4 adds the metadata entry "populated": the hidden sites population-coded like the encoding sites
+(a list in an SNN file, {T: list} in a calibration file); a version-3 reader would ignore it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import Any
 from .errors import FormatError
 
 FORMAT_NAME = "pconv"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: Versions this pconv reads: version 1 is version 2 without refitted layers; version 2 is version 3
-#: with one neuron per channel everywhere (encoding_levels 0).
-READABLE_VERSIONS = ("1", "2", "3")
+#: with one neuron per channel everywhere (encoding_levels 0); version 3 is version 4 with no hidden site
+#: population-coded.
+READABLE_VERSIONS = ("1", "2", "3", "4")
 REFIT_PREFIX = "refit."
 ANN_PREFIX = "ann."
 KINDS = ("snn", "calibration")

@@ -23,7 +23,8 @@ from .neurons import NEURONS, make_neuron
 from .progress import NoProgress, Progress
 from .quantize import quantize
 from .record import DEFAULT_BINS, record_activations
-from .sites import Site, find_sites
+from .sensitivity import choose_populated, image_chunks, site_sensitivity
+from .sites import Site, find_sites, population_size
 from .snn import ConversionInfo, SpikingNetwork
 from .swap import swap_by_name
 from .thresholds import ThresholdSpec
@@ -39,6 +40,9 @@ AUTO_FIT_MAX_T = 8
 #: Encoding sites (no neuron between them and the image) resolve at least this many levels at any T,
 #: with ceil(levels/T) neurons per channel (Site.population); 0 turns population coding off.
 DEFAULT_ENCODING_LEVELS = 64
+#: Hidden sites may be population-coded too (as many neurons per channel as the encoding sites), the most
+#: sensitive ones first, while the added neurons stay within this fraction of the network's (sensitivity.py).
+DEFAULT_POPULATION_BUDGET = 0.0
 
 
 def check_time_steps(time_steps: Any) -> int:
@@ -61,6 +65,13 @@ def check_encoding_levels(levels: Any) -> int:
         raise ConfigError(f"encoding levels must be an integer between 0 and {MAX_TIME_STEPS}, got {levels!r}",
                           f"for example {DEFAULT_ENCODING_LEVELS}, or 0 for one neuron per channel everywhere")
     return levels
+
+
+def check_population_budget(budget: Any) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 <= float(budget) <= 100.0:
+        raise ConfigError(f"the population budget must be a number between 0 and 100, got {budget!r}",
+                          "it is the fraction of extra neurons allowed, for example 0.25; 0 turns it off")
+    return float(budget)
 
 
 @dataclass
@@ -86,6 +97,8 @@ class Calibration:
     weights: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     #: encoding sites get ceil(encoding_levels/T) neurons per channel (0: one, as every other site)
     encoding_levels: int = 0
+    #: per T, the hidden sites also population-coded (chosen by sensitivity under a neuron budget)
+    populated: dict[int, list[str]] = field(default_factory=dict)
 
     @property
     def time_steps(self) -> list[int]:
@@ -93,7 +106,8 @@ class Calibration:
 
     def populations(self, time_steps: int) -> dict[str, int]:
         """Neurons per channel of every site at T."""
-        return {s.name: s.population(time_steps, self.encoding_levels) for s in self.sites}
+        chosen = set(self.populated.get(time_steps, ()))
+        return {s.name: s.population(time_steps, self.encoding_levels, s.name in chosen) for s in self.sites}
 
 
 def first_batch(data: Tensor | Iterable) -> tuple[Tensor, Iterable]:
@@ -129,11 +143,15 @@ def calibrate(
     bins: int = DEFAULT_BINS,
     progress: Progress | None = None,
     encoding_levels: int = DEFAULT_ENCODING_LEVELS,
+    population_budget: float = DEFAULT_POPULATION_BUDGET,
 ) -> Calibration:
     """Record thresholds and calibrate the distribution error for each T (labels are never used).
 
-    Encoding sites get ceil(encoding_levels/T) neurons per channel (population coding of the image)."""
+    Encoding sites get ceil(encoding_levels/T) neurons per channel (population coding of the image); with a
+    `population_budget` > 0, so do the hidden sites whose quantization costs the most accuracy per added
+    neuron, while the added neurons stay within that fraction of the network's (sensitivity.py)."""
     encoding_levels = check_encoding_levels(encoding_levels)
+    population_budget = check_population_budget(population_budget)
     steps = [time_steps] if isinstance(time_steps, int) else list(time_steps)
     if not steps:
         raise ConfigError("no T given", "for example time_steps=[4, 8, 16]")
@@ -153,14 +171,17 @@ def calibrate(
     passes = 2 if histograms else 1
     stats = record_activations(work, sites, batches, histograms=histograms, bins=bins,
                                progress=progress.stage("recording thresholds", passes * len(batches)))
+    populated = choose_population(work, sites, stats, batches, steps, encoding_levels, population_budget, progress)
+    shell = Calibration(sites, str(spec), method, {}, {}, encoding_levels=encoding_levels, populated=populated)
     params: dict[int, dict[str, SiteParams]] = {}
     weights: dict[int, dict[str, Tensor]] = {}
     notes: dict[str, Any] = {}
     for T in steps:
         spec_t, method_t = plans[T]
-        thetas = {s.name: spec_t.compute(stats[s.name], T * s.population(T, encoding_levels)) for s in sites}
+        populations = shell.populations(T)
+        thetas = {s.name: spec_t.compute(stats[s.name], T * populations[s.name]) for s in sites}
         qnet = copy.deepcopy(work)
-        modules = quantize(qnet, sites, thetas, T, encoding_levels)
+        modules = quantize(qnet, sites, thetas, T, populations)
         total = calibration_ticks(method_t, len(sites), len(batches))
         stage = progress.stage(f"calibrating T={T}", total) if total else None
         notes.update(CALIBRATIONS.get(method_t)(qnet, modules, batches, stage) or {})
@@ -178,8 +199,26 @@ def calibrate(
     }
     if method == "auto":
         provenance["auto"] = {str(T): f"{p}/{m}" for T, (p, m) in plans.items()}
+    if population_budget > 0:
+        provenance["population_budget"] = population_budget
     return Calibration(sites, str(spec), method, params, {n: s.max.cpu() for n, s in stats.items()},
-                       source_of(model), data_config_of(model), provenance, weights, encoding_levels)
+                       source_of(model), data_config_of(model), provenance, weights, encoding_levels, populated)
+
+
+def choose_population(model: nn.Module, sites: list[Site], stats: dict, batches: ImageBatches, steps: list[int],
+                      encoding_levels: int, budget: float, progress: Progress) -> dict[int, list[str]]:
+    """Per T, the hidden sites to population-code within the neuron budget (none when it is 0)."""
+    size = {T: population_size(T, encoding_levels) for T in steps}
+    wanted = [T for T in steps if size[T] > 1]
+    if budget <= 0 or not wanted:
+        return {}
+    resolutions = sorted({L for T in wanted for L in (T, size[T] * T)})
+    chunks = image_chunks(batches)
+    ticks = progress.stage("measuring site sensitivity", len(chunks))
+    sensitivity, neurons = site_sensitivity(model, sites, {n: s.max for n, s in stats.items()}, chunks,
+                                            resolutions, ticks)
+    chosen = {T: choose_populated(sites, sensitivity, neurons, T, size[T], budget) for T in wanted}
+    return {T: names for T, names in chosen.items() if names}
 
 
 def changed_weights(original: nn.Module, calibrated: nn.Module, modules: dict[str, nn.Module]) -> dict[str, Tensor]:
@@ -225,6 +264,7 @@ def build_snn(model: nn.Module, calibration: Calibration, time_steps: int, neuro
         time_steps=time_steps, neuron=neuron, sites=list(calibration.sites), threshold=calibration.threshold,
         calibration=calibration.method, source=calibration.source, data_config=dict(calibration.data_config),
         provenance=dict(calibration.provenance), encoding_levels=calibration.encoding_levels,
+        populated=list(calibration.populated.get(time_steps, [])),
     )
     snn = SpikingNetwork(net, info)
     snn.ann_weights = ann_weights
@@ -244,6 +284,7 @@ def convert(
     source: ModelSource | None = None,
     progress: Progress | None = None,
     encoding_levels: int = DEFAULT_ENCODING_LEVELS,
+    population_budget: float = DEFAULT_POPULATION_BUDGET,
 ) -> SpikingNetwork:
     """Convert a ReLU/ReLU6 classifier into a parallel-spiking SNN with T time steps.
 
@@ -254,7 +295,7 @@ def convert(
     NEURONS.get(neuron)
     if not isinstance(calib, Calibration):
         calib = calibrate(model, calib, [time_steps], threshold, calibration, num_images, bins, progress,
-                          encoding_levels)
+                          encoding_levels, population_budget)
     snn = build_snn(model, calib, time_steps, neuron)
     if source is not None:
         snn.info.source = source

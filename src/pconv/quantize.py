@@ -57,9 +57,11 @@ class QCFS(nn.Module):
 
 
 def quantize(model: nn.Module, sites: Sequence[Site], thetas: Mapping[str, Tensor], levels: int,
-             encoding_levels: int = 0) -> dict[str, QCFS]:
+             populations: Mapping[str, int] | None = None) -> dict[str, QCFS]:
     """Swap every site of `model` (in place) for QCFS with its threshold; returns the new modules.
-    Encoding sites get a population of neurons per channel (Site.population)."""
+    `populations` gives the neurons per channel of the population-coded sites (Calibration.populations);
+    a site it leaves out has one."""
+    populations = populations or {}
     modules: dict[str, QCFS] = {}
     by_name = {s.name: s for s in sites}
 
@@ -68,7 +70,7 @@ def quantize(model: nn.Module, sites: Sequence[Site], thetas: Mapping[str, Tenso
         theta = thetas[name].to(next(model.parameters()).device)
         if site.cap is not None:
             theta = theta.clamp(max=site.cap)
-        modules[name] = QCFS(theta, levels, site, site.population(levels, encoding_levels))
+        modules[name] = QCFS(theta, levels, site, populations.get(name, 1))
         return modules[name]
 
     swap_by_name(model, {s.name: make for s in sites})

@@ -50,6 +50,11 @@ _METADATA = {"size", "dim", "__get__", "numel", "__len__", "stride", "is_contigu
              "__bool__", "__hash__", "__eq__"}
 
 
+def population_size(time_steps: int, encoding_levels: int) -> int:
+    """Neurons per channel of a population-coded site: ceil(levels/T), or 1 when T alone resolves the levels."""
+    return 1 if encoding_levels <= time_steps else -(-encoding_levels // time_steps)
+
+
 @dataclass(frozen=True)
 class Site:
     """One activation module that becomes a spiking neuron."""
@@ -62,12 +67,11 @@ class Site:
     #: True when no spiking neuron lies between the image and this site: its neurons encode the image
     encoding: bool = False
 
-    def population(self, time_steps: int, encoding_levels: int) -> int:
-        """Neurons per channel at this site: an encoding site gets enough of them, m = ceil(levels/T), to
-        resolve at least `encoding_levels` steps in T time steps (population coding); every other site, 1."""
-        if not self.encoding or encoding_levels <= time_steps:
-            return 1
-        return -(-encoding_levels // time_steps)
+    def population(self, time_steps: int, encoding_levels: int, chosen: bool = False) -> int:
+        """Neurons per channel at this site: an encoding site, or a hidden site the calibration chose
+        (`chosen`, see sensitivity.py), gets enough of them, m = ceil(levels/T), to resolve at least
+        `encoding_levels` steps in T time steps (population coding); every other site, 1."""
+        return population_size(time_steps, encoding_levels) if self.encoding or chosen else 1
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -33,6 +33,8 @@ class ConversionInfo:
     provenance: dict[str, Any] = field(default_factory=dict)
     #: encoding sites have ceil(encoding_levels/T) neurons per channel (Site.population); 0: one
     encoding_levels: int = 0
+    #: hidden sites population-coded as the encoding sites are (chosen by sensitivity at calibration)
+    populated: list[str] = field(default_factory=list)
 
 
 class SpikingNetwork(nn.Module):
@@ -149,4 +151,5 @@ def info_to_json(info: ConversionInfo) -> dict[str, str]:
         "provenance": json.dumps(info.provenance, sort_keys=True),
         "model": info.source.to_json() if info.source else "",
         "encoding_levels": str(info.encoding_levels),
+        "populated": json.dumps(info.populated),
     }

@@ -49,16 +49,28 @@ def encoding_summary(sites: list[Site], time_steps: list[int], encoding_levels: 
     return f"{', '.join(s.name for s in encoders)}: neurons per channel {per_t} (≥ {encoding_levels} levels)"
 
 
+def population_summary(calibration: Calibration, time_steps: list[int]) -> str:
+    """One line: the hidden sites population-coded at each T (chosen under --population-budget)."""
+    parts = []
+    for T in time_steps:
+        names = calibration.populated.get(T, [])
+        if names:
+            m = calibration.populations(T)[names[0]]
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            parts.append(f"T={T}: {len(names)} sites × {m} neurons per channel ({shown})")
+    return "; ".join(parts) or "none"
+
+
 def calibrate_on_folder(model: nn.Module, data_config: dict[str, Any], data: Path, time_steps: list[int],
                         threshold: str, method: str, num_images: int | None, batch_size: int, seed: int,
                         workers: int, progress: RichProgress, extra: dict[str, Any],
-                        encoding_levels: int) -> Calibration:
+                        encoding_levels: int, population_budget: float) -> Calibration:
     """Calibrate `model` on images of the folder `data`; provenance says where everything came from."""
     torch.manual_seed(seed)
     loader = make_loader(data, data_config, batch_size, num_images, seed, workers, cap=DEFAULT_CALIBRATION_IMAGES)
     calibration = run_calibrate(model, FirstPassProgress(loader, progress), time_steps=time_steps,
                                 threshold=threshold, method=method, progress=progress,
-                                encoding_levels=encoding_levels)
+                                encoding_levels=encoding_levels, population_budget=population_budget)
     calibration.data_config = dict(data_config)
     calibration.provenance.update({
         "data": str(data),
@@ -90,7 +102,8 @@ def calibrate_on_folder(model: nn.Module, data_config: dict[str, Any], data: Pat
 @debug_option
 def calibrate(model: str, data: Path, output: Path, time_steps: list[int], checkpoint: Path | None,
               num_classes: int | None, num_images: int | None, batch_size: int, seed: int, workers: int,
-              threshold: str, method: str, encoding_levels: int, mean, std, input_size, device: str, force: bool,
+              threshold: str, method: str, encoding_levels: int, population_budget: float, mean, std, input_size,
+              device: str, force: bool,
               as_json: bool) -> None:
     """Record thresholds and DA calibration statistics of MODEL on the images in --data.
 
@@ -105,7 +118,8 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
     with out.progress() as progress:
         calibration = calibrate_on_folder(net, data_config, data, time_steps, threshold, method, num_images,
                                           batch_size, seed, workers, progress,
-                                          {"checkpoint": checkpoint.name if checkpoint else None}, encoding_levels)
+                                          {"checkpoint": checkpoint.name if checkpoint else None}, encoding_levels,
+                                          population_budget)
         path = save_calibration(calibration, output, force=force) if distributed.is_main() else output
         distributed.barrier()  # rank 0 has written the file before any rank reads it
     doc = {
@@ -117,6 +131,7 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
         "threshold": calibration.threshold,
         "calibration": calibration.method,
         "encoding_levels": calibration.encoding_levels,
+        "population_budget": population_budget,
         "populations": {T: {n: m for n, m in calibration.populations(T).items() if m > 1}
                         for T in calibration.time_steps},
         "num_sites": len(calibration.sites),
@@ -137,6 +152,7 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
             ("threshold", calibration.threshold),
             ("calibration", calibration.method),
             ("encoding", encoding_summary(calibration.sites, calibration.time_steps, calibration.encoding_levels)),
+            *([("population", population_summary(calibration, calibration.time_steps))] if population_budget else []),
             ("images", f"{doc['num_images']} from {data} (seed {seed})"),
             ("input", f"{'x'.join(map(str, data_config['input_size']))}, mean {tuple(data_config['mean'])}, "
                       f"std {tuple(data_config['std'])}"),

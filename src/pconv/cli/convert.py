@@ -14,7 +14,7 @@ from ..fileio import check_output
 from ..models import weights_fingerprint
 from ..pipeline import Calibration, build_snn
 from ..sites import Site
-from .calibrate import calibrate_on_folder, encoding_summary, load_model
+from .calibrate import calibrate_on_folder, encoding_summary, load_model, population_summary
 from .output import Output, human_bytes, key_value_table
 from .options import (DEFAULT_CALIBRATION_IMAGES, TimeSteps, calibration_method_option, check_not_given,
                       debug_option, device_option, json_option, loader_options, model_label, model_options,
@@ -22,6 +22,7 @@ from .options import (DEFAULT_CALIBRATION_IMAGES, TimeSteps, calibration_method_
 
 DEFAULT_T = 8
 CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", "threshold", "method", "encoding_levels",
+                       "population_budget",
                        "mean", "std", "input_size"]
 
 
@@ -68,7 +69,8 @@ def check_calibration_fits(calibration: Calibration, sites: list[Site], fingerpr
 def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | None, output: Path,
             time_steps: int | None, neuron: str, checkpoint: Path | None, num_classes: int | None,
             num_images: int | None, batch_size: int, seed: int, workers: int, threshold: str, method: str,
-            encoding_levels: int, mean, std, input_size, device: str, force: bool, as_json: bool) -> None:
+            encoding_levels: int, population_budget: float, mean, std, input_size, device: str, force: bool,
+            as_json: bool) -> None:
     """Convert MODEL into a spiking network with T time steps and write it to one safetensors file.
 
     Calibrate on the images in --data (thresholds, then DA calibration), or reuse a calibration file made
@@ -103,7 +105,7 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
             calibration = calibrate_on_folder(net, data_config, data, [time_steps], threshold, method, num_images,
                                               batch_size, seed, workers, progress,
                                               {"checkpoint": checkpoint.name if checkpoint else None},
-                                              encoding_levels)
+                                              encoding_levels, population_budget)
             source = f"{calibration.provenance.get('num_images')} images from {data} (seed {seed})"
         snn = build_snn(net, calibration, time_steps, neuron)
         snn.info.source = net.pconv_source  # how this model was built, whatever the calibration recorded
@@ -138,6 +140,7 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
             ("threshold", calibration.threshold),
             ("calibration", f"{calibration.method} on {source}"),
             ("encoding", encoding_summary(snn.info.sites, [time_steps], calibration.encoding_levels)),
+            *([("population", population_summary(calibration, [time_steps]))] if calibration.populated else []),
             ("time", f"{doc['seconds']:.1f} s on {dev}"),
         ], title=f"SNN written to {path} ({human_bytes(doc['bytes'])})"))
         console.print(f"Next: pconv eval {path} --data DIR", markup=False)

@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 
 from ..errors import FormatError
-from ..export import encoding_levels_of
+from ..export import encoding_levels_of, populated_of
 from ..sites import Site
 from ..format import Header, read_header
 from .output import Output, human_bytes, key_value_table
@@ -69,15 +69,18 @@ def describe(path: Path, header: Header, thresholds: bool = True) -> dict[str, A
         raise FormatError(f"tensor {missing[0]!r} named by the metadata is missing",
                           "the file's tensors do not match its metadata")
     stats = _theta_stats(path, list(names.values())) if thresholds else {}
+    try:
+        site_objects = [Site.from_dict(s) for s in sites]
+    except TypeError:
+        raise FormatError(f"{str(path)!r} has a malformed site list", "the file is corrupt") from None
+    steps = [doc["time_steps"]] if kind == "snn" else doc["time_steps"]
+    populated = populated_of(header, site_objects, steps)
+    doc["populated"] = {str(t): names for t, names in populated.items()}
     out_sites = []
-    for s in sites:
+    for s, site in zip(sites, site_objects):
         entry = dict(s)
-        try:
-            site = Site.from_dict(s)
-        except TypeError:
-            raise FormatError(f"{str(path)!r} has a malformed site list", "the file is corrupt") from None
-        steps = [doc["time_steps"]] if kind == "snn" else doc["time_steps"]
-        entry["population"] = {str(t): site.population(t, doc["encoding_levels"]) for t in steps}
+        entry["population"] = {str(t): site.population(t, doc["encoding_levels"], site.name in populated.get(t, ()))
+                               for t in steps}
         if kind == "snn":
             entry["population"] = entry["population"][str(doc["time_steps"])]
         if thresholds and kind == "snn":

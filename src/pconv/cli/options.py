@@ -14,8 +14,8 @@ from ..data import image_dataset, resolve_config, subset
 from .. import distributed
 from ..errors import ConfigError
 from ..neurons import ENGINES, NEURONS
-from ..pipeline import (DEFAULT_CALIBRATION, DEFAULT_ENCODING_LEVELS, DEFAULT_THRESHOLD, MAX_TIME_STEPS,
-                        check_time_steps)
+from ..pipeline import (DEFAULT_CALIBRATION, DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET, DEFAULT_THRESHOLD,
+                        MAX_TIME_STEPS, check_time_steps)
 from ..thresholds import THRESHOLDS, ThresholdSpec
 
 DEBUG_KEY = "pconv.debug"
@@ -153,6 +153,11 @@ def threshold_option(f: Callable) -> Callable:
 
 
 def calibration_method_option(f: Callable) -> Callable:
+    f = click.option("--population-budget", type=click.FloatRange(0.0, 100.0), default=DEFAULT_POPULATION_BUDGET,
+                     show_default=True,
+                     help="Also population-code the hidden sites whose quantization costs the most accuracy per "
+                          "added neuron (label-free sensitivity), while the added neurons stay within this "
+                          "fraction of the network's, e.g. 0.25; 0: encoding sites only.")(f)
     f = click.option("--encoding-levels", type=click.IntRange(0, MAX_TIME_STEPS), default=DEFAULT_ENCODING_LEVELS,
                      show_default=True,
                      help="Levels the encoding layer (the neurons that see the image) resolves at any T, with "

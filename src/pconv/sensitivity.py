@@ -1,0 +1,127 @@
+"""Which hidden sites to population-code: a label-free sensitivity estimate and a neuron budget.
+
+Quantizing site s with L levels changes the ANN's output. To first order, the log-probability of the
+class the ANN itself predicts moves by
+
+    d_s(L) = sum over the site's positions of  g * e_L,     e_L = QCFS_L(x) - act(x),
+
+where g is the gradient of that log-probability with respect to the site's output (one backward pass
+serves every site) and e_L the site's quantization error at L levels, thresholds at the recorded channel
+maxima. Its mean square over the calibration images, S_s(L) = E[d_s(L)^2], is the site's sensitivity: the
+same Fisher-weighted error the expected KL divergence between ANN and quantized network grows with. The
+ANN's own prediction stands in for a label, so no label is needed.
+
+A population of m neurons per channel gives a site m*T levels. Coding site s that way gains
+S_s(T) - S_s(m*T) for (m - 1) * neurons_s more neurons. `choose_populated` takes the sites with the
+largest gain per added neuron until the extra neurons would exceed `budget` times the network's neurons.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from . import functional as PF
+from .sites import Site
+
+Progress = Callable[[], None] | None
+
+#: Images per forward/backward: the site outputs and their gradients are all held at once.
+CHUNK_IMAGES = 16
+#: The estimate uses at most this many calibration images.
+MAX_IMAGES = 256
+
+
+def image_chunks(batches: Iterable[Tensor], limit: int = MAX_IMAGES) -> list[Tensor]:
+    """The first `limit` calibration images, in chunks of at most CHUNK_IMAGES."""
+    chunks, count = [], 0
+    for x in batches:
+        for chunk in x[: limit - count].split(CHUNK_IMAGES):
+            chunks.append(chunk)
+        count += min(x.shape[0], limit - count)
+        if count >= limit:
+            break
+    return chunks
+
+
+def site_sensitivity(model: nn.Module, sites: Sequence[Site], channel_max: Mapping[str, Tensor],
+                     chunks: Sequence[Tensor], resolutions: Sequence[int], progress: Progress = None,
+                     ) -> tuple[dict[tuple[str, int], float], dict[str, int]]:
+    """({(site, L): S_site(L)} for every L in `resolutions`, {site: neurons per image}), over the images of
+    `chunks` (image_chunks), one progress tick per chunk.
+
+    `model` is the ANN with its activations in place (the sites' modules); it is not modified."""
+    device = next(model.parameters()).device
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def tap(name: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            captured[name] = (inputs[0].detach(), output)
+        return hook
+
+    handles = [model.get_submodule(s.name).register_forward_hook(tap(s.name)) for s in sites]
+    totals = torch.zeros(len(sites), len(resolutions), dtype=torch.float64)
+    neurons: dict[str, int] = {}
+    images = 0
+    try:
+        for x in chunks:
+            captured.clear()
+            with torch.enable_grad():
+                x = x.to(device).detach().requires_grad_(True)  # every site output joins the graph
+                logits = model(x)
+                own = logits.argmax(dim=1, keepdim=True)  # the ANN's prediction stands in for a label
+                log_prob = logits.log_softmax(dim=1).gather(1, own).sum()
+                outputs = [captured[s.name][1] for s in sites]
+                grads = torch.autograd.grad(log_prob, outputs)
+            with torch.no_grad():
+                for i, (site, g) in enumerate(zip(sites, grads)):
+                    x_in, y = captured[site.name][0], outputs[i].detach()
+                    neurons[site.name] = y[0].numel()
+                    theta = channel_max[site.name].to(device).float().clamp_min(1e-6)
+                    if site.cap is not None:
+                        theta = theta.clamp(max=site.cap)
+                    zero = torch.zeros_like(theta)
+                    for j, levels in enumerate(resolutions):
+                        error = PF.qcfs(x_in, theta, zero, zero, levels) - y
+                        shift = (g * error).flatten(1).sum(dim=1, dtype=torch.float64)
+                        totals[i, j] += (shift * shift).sum().cpu()
+            images += x.shape[0]
+            if progress:
+                progress()
+    finally:
+        for handle in handles:
+            handle.remove()
+    totals = distributed.reduce_sum(totals.to(device)).cpu()
+    count = max(distributed.reduce_count(images), 1)
+    sensitivity = {(s.name, L): float(totals[i, j]) / count
+                   for i, s in enumerate(sites) for j, L in enumerate(resolutions)}
+    return sensitivity, neurons
+
+
+def choose_populated(sites: Sequence[Site], sensitivity: Mapping[tuple[str, int], float],
+                     neurons: Mapping[str, int], time_steps: int, population: int, budget: float) -> list[str]:
+    """The hidden (non-encoding) sites to give `population` neurons per channel at T, best gain per added
+    neuron first, while the added neurons stay within `budget` times the network's neurons."""
+    if population <= 1 or budget <= 0:
+        return []
+    allowed = budget * sum(neurons[s.name] for s in sites)
+    levels = population * time_steps
+    ranked = []
+    for site in sites:
+        if site.encoding:
+            continue
+        gain = sensitivity[(site.name, time_steps)] - sensitivity[(site.name, levels)]
+        cost = (population - 1) * neurons[site.name]
+        if gain > 0:
+            ranked.append((gain / cost, site.name, cost))
+    ranked.sort(key=lambda r: (-r[0], r[1]))
+    chosen, used = [], 0
+    for _, name, cost in ranked:
+        if used + cost <= allowed:
+            chosen.append(name)
+            used += cost
+    order = {s.name: i for i, s in enumerate(sites)}
+    return sorted(chosen, key=order.get)
