@@ -491,7 +491,7 @@ def test_population_budget_codes_a_hidden_site_end_to_end(folders, tmp_path):
     run_by_the_spec(snn, folders)
     text = run("calibrate", TINY, "--data", folders["calib"], "-T", "4", "-o", tmp_path / "c2.safetensors",
                "--population-budget", "100").stdout
-    assert "T=4: 1 sites × 16 neurons per channel (act2)" in text
+    assert "T=4: 1 site × 16 neurons per channel (act2)" in text
 
 
 def test_calibration_from_the_api_without_fingerprint_warns(folders, tmp_path):

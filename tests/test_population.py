@@ -129,12 +129,10 @@ def test_population_survives_the_file_round_trip(tmp_path):
         assert torch.equal(loaded(x), snn(x))
 
 
-def test_a_corrupt_encoding_levels_entry_is_refused(tmp_path):
+def snn_file_with_metadata(tmp_path, key: str, value: str):
+    """A small SNN file whose metadata entry `key` is replaced by `value` (tensors untouched)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from pconv.cli.main import cli
-    from click.testing import CliRunner
 
     model = nets.vgg_small().eval()
     model.pconv_source = pconv.ModelSource("factory", "nets:vgg_small")
@@ -143,10 +141,23 @@ def test_a_corrupt_encoding_levels_entry_is_refused(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {name: f.get_tensor(name) for name in f.keys()}
-    meta["encoding_levels"] = "sixty-four"
+    meta[key] = value
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
-    with pytest.raises(pconv.FormatError, match="encoding_levels"):
+    return bad
+
+
+def assert_refused(bad, match: str) -> None:
+    """pconv.load raises FormatError, and `pconv inspect` ends in a one-line Error with exit code 1."""
+    from click.testing import CliRunner
+
+    from pconv.cli.main import cli
+
+    with pytest.raises(pconv.FormatError, match=match):
         pconv.load(bad)
     result = CliRunner().invoke(cli, ["inspect", str(bad)])
     assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith("Error:")
+
+
+def test_a_corrupt_encoding_levels_entry_is_refused(tmp_path):
+    assert_refused(snn_file_with_metadata(tmp_path, "encoding_levels", "sixty-four"), "encoding_levels")

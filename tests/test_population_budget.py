@@ -18,6 +18,7 @@ from pconv.errors import ConfigError
 from pconv.sensitivity import choose_populated, image_chunks, site_sensitivity
 from pconv.sites import Site, find_sites
 from test_pipeline import qcfs_network
+from test_population import assert_refused, snn_file_with_metadata
 
 
 def _site(name: str, encoding: bool = False) -> Site:
@@ -119,7 +120,7 @@ def test_a_budget_population_codes_hidden_sites_in_every_engine_and_file(tmp_pat
 def test_no_budget_changes_nothing_and_bad_budgets_are_refused():
     model = nets.vgg_small().eval()
     images = [torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))]
-    plain = pconv.calibrate(model, images, time_steps=[4], method="none")
+    plain = pconv.calibrate(model, images, time_steps=[4], method="none", population_budget=0)
     assert plain.populated == {} and "population_budget" not in plain.provenance
     for bad in (-0.1, True, "0.5", 101):
         with pytest.raises(ConfigError, match="population budget"):
@@ -128,23 +129,4 @@ def test_no_budget_changes_nothing_and_bad_budgets_are_refused():
 
 @pytest.mark.parametrize("entry", ['["no_such_site"]', "{not json", '{"4": "features.5"}', '["features.5", 3]'])
 def test_a_corrupt_populated_entry_is_refused(tmp_path, entry):
-    from click.testing import CliRunner
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from pconv.cli.main import cli
-
-    model = nets.vgg_small().eval()
-    model.pconv_source = pconv.ModelSource("factory", "nets:vgg_small")
-    images = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))]
-    path = pconv.save(pconv.convert(model, images, time_steps=4, calibration="none"), tmp_path / "s.safetensors")
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    meta["populated"] = entry
-    bad = tmp_path / "bad.safetensors"
-    save_file(tensors, str(bad), metadata=meta)
-    with pytest.raises(pconv.FormatError, match="populated"):
-        pconv.load(bad)
-    result = CliRunner().invoke(cli, ["inspect", str(bad)])
-    assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith("Error:")
+    assert_refused(snn_file_with_metadata(tmp_path, "populated", entry), "populated")

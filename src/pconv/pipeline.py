@@ -42,7 +42,7 @@ AUTO_FIT_MAX_T = 8
 DEFAULT_ENCODING_LEVELS = 64
 #: Hidden sites may be population-coded too (as many neurons per channel as the encoding sites), the most
 #: sensitive ones first, while the added neurons stay within this fraction of the network's (sensitivity.py).
-DEFAULT_POPULATION_BUDGET = 0.0
+DEFAULT_POPULATION_BUDGET = 0.5
 
 
 def check_time_steps(time_steps: Any) -> int:

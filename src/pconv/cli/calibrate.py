@@ -57,7 +57,8 @@ def population_summary(calibration: Calibration, time_steps: list[int]) -> str:
         if names:
             m = calibration.populations(T)[names[0]]
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            parts.append(f"T={T}: {len(names)} sites × {m} neurons per channel ({shown})")
+            sites = "1 site" if len(names) == 1 else f"{len(names)} sites"
+            parts.append(f"T={T}: {sites} × {m} neurons per channel ({shown})")
     return "; ".join(parts) or "none"
 
 
