@@ -121,9 +121,11 @@ def render(console, doc: dict[str, Any]) -> None:
     table.add_column("site", no_wrap=True)
     table.add_column("activation")
     table.add_column("channels", justify="right")
-    table.add_column("neurons/channel", justify="right")
+    steps = [doc["time_steps"]] if doc["kind"] == "snn" else doc["time_steps"]
+    per_t = "" if doc["kind"] == "snn" else f" (T={'/'.join(map(str, steps))})"
+    table.add_column(f"neurons/channel{per_t}", justify="right")
     # Thresholds at one T (for a calibration: the smallest; they differ across T only for T-aware methods).
-    t0 = doc["time_steps"] if doc["kind"] == "snn" else doc["time_steps"][0]
+    t0 = steps[0]
     with_theta = bool(doc["sites"]) and "theta" in doc["sites"][0]
     suffix = "" if doc["kind"] == "snn" else f" (T={t0})"
     if with_theta:
@@ -131,7 +133,8 @@ def render(console, doc: dict[str, Any]) -> None:
         table.add_column(f"θ max{suffix}", justify="right")
     for i, s in enumerate(doc["sites"]):
         cells = [str(i), s["name"], s["activation"] + (f" (cap {s['cap']:g})" if s.get("cap") else ""),
-                 str(s["channels"]), str(s["population"] if doc["kind"] == "snn" else s["population"][str(t0)])]
+                 str(s["channels"]),
+                 str(s["population"]) if doc["kind"] == "snn" else "/".join(str(s["population"][str(t)]) for t in steps)]
         if with_theta:
             th = s["theta"] if doc["kind"] == "snn" else s["theta"][str(t0)]
             cells += [f"{th['mean']:.4g}", f"{th['max']:.4g}"]
