@@ -172,6 +172,7 @@ def calibrate(
     stats = record_activations(work, sites, batches, histograms=histograms, bins=bins,
                                progress=progress.stage("recording thresholds", passes * len(batches)))
     populated = choose_population(work, sites, stats, batches, steps, encoding_levels, population_budget, progress)
+    # populations(T) is the one rule for neurons per channel; an empty calibration lends it before params exist
     shell = Calibration(sites, str(spec), method, {}, {}, encoding_levels=encoding_levels, populated=populated)
     params: dict[int, dict[str, SiteParams]] = {}
     weights: dict[int, dict[str, Tensor]] = {}
