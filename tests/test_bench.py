@@ -20,7 +20,7 @@ def snn_file(tmp_path_factory):
 
 
 def test_bench_json_reports_every_field(snn_file):
-    result = CliRunner().invoke(cli, ["bench", str(snn_file), "--batch-size", "4", "--iters", "1", "--warmup", "1",
+    result = CliRunner().invoke(cli, ["bench", str(snn_file), "--trust-factory", "--batch-size", "4", "--iters", "1", "--warmup", "1",
                                       "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -43,13 +43,13 @@ def test_bench_json_reports_every_field(snn_file):
 
 def test_bench_table_and_bad_options(snn_file):
     runner = CliRunner()
-    ok = runner.invoke(cli, ["bench", str(snn_file), "-b", "2", "--iters", "1", "--warmup", "0", "--engines",
+    ok = runner.invoke(cli, ["bench", str(snn_file), "--trust-factory", "-b", "2", "--iters", "1", "--warmup", "0", "--engines",
                              "ann,counts", "--device", "cpu"])
     assert ok.exit_code == 0 and "counts" in ok.stdout and "spikes" not in ok.stdout.split("\n")[3]
-    bad = runner.invoke(cli, ["bench", str(snn_file), "--engines", "ann,warp"])
-    assert bad.exit_code == 1 and bad.stderr.startswith("Error: unknown engine 'warp'")
-    graph = runner.invoke(cli, ["bench", str(snn_file), "--cuda-graph", "--device", "cpu"])
-    assert graph.exit_code == 1 and "CUDA graphs need a CUDA device" in graph.stderr
+    bad = runner.invoke(cli, ["bench", str(snn_file), "--trust-factory", "--engines", "ann,warp"])
+    assert bad.exit_code == 2 and "'warp' is not an engine" in bad.stderr  # a usage mistake
+    graph = runner.invoke(cli, ["bench", str(snn_file), "--trust-factory", "--cuda-graph", "--device", "cpu"])
+    assert graph.exit_code == 2 and "CUDA graphs need a CUDA device" in graph.stderr
 
 
 def test_reduced_precision_reports_agreement():

@@ -22,7 +22,7 @@ from pconv.cli.main import cli
 from pconv.cli.options import make_loader
 from pconv.data import image_loader
 from pconv.evaluate import evaluate
-from pconv.format import read_header
+from pconv.format import read_header, read_metadata
 
 import cli_models
 
@@ -115,7 +115,7 @@ def test_convert_from_data_equals_library_and_calibration_file(folders, calib_fi
     model = cli_models.tiny_cnn()
     loader = make_loader(folders["calib"], pconv.pipeline.data_config_of(model), 64, None, 0, 0)
     library = pconv.convert(model, [x for x, _ in loader], time_steps=4)
-    files = [pconv.load(direct), pconv.load(via_calib)]
+    files = [pconv.load(direct, trust_factory=True), pconv.load(via_calib, trust_factory=True)]
     for name, neuron in library.neurons().items():
         for snn in files:
             for leaf in ("theta_in", "bias", "theta_out"):
@@ -134,14 +134,14 @@ def test_convert_serial_neuron_and_threshold_options(folders, tmp_path):
     doc = run_json("convert", TINY, "--data", folders["calib"], "-T", "4", "-o", out, "--neuron", "serial",
                    "--threshold", "percentile:99.9", "--num-images", "6", "--seed", "3")
     assert doc["neuron"] == "serial" and doc["threshold"] == "percentile:99.9"
-    header = read_header(out)
-    assert header.metadata["neuron"] == "serial"
-    assert header.json("provenance")["num_images"] == 6
+    meta, _ = read_metadata(out)
+    assert meta.neuron == "serial"
+    assert meta.provenance["num_images"] == 6
 
 
 def test_eval_json_agrees_with_library(snn_file, folders):
-    doc = run_json("eval", snn_file, "--data", folders["test"], "--batch-size", "7", "--sop-images", "5")
-    snn = pconv.load(snn_file)
+    doc = run_json("eval", snn_file, "--trust-factory", "--data", folders["test"], "--batch-size", "7", "--sop-images", "5")
+    snn = pconv.load(snn_file, trust_factory=True)
     loader = image_loader(folders["test"], snn.info.data_config, batch_size=7)
     expected = evaluate(snn, loader, sop_images=5).to_dict()
     for key in ("num_images", "top1", "top5", "ann_top1", "ann_top5", "top1_agreement", "mean_firing_rate",
@@ -156,7 +156,7 @@ def test_eval_json_agrees_with_library(snn_file, folders):
 
 
 def test_eval_ann_numbers_are_the_source_model(snn_file, folders):
-    doc = run_json("eval", snn_file, "--data", folders["test"], "--sop-images", "0")
+    doc = run_json("eval", snn_file, "--trust-factory", "--data", folders["test"], "--sop-images", "0")
     model = cli_models.tiny_cnn()
     correct = total = 0
     with torch.inference_mode():
@@ -168,21 +168,21 @@ def test_eval_ann_numbers_are_the_source_model(snn_file, folders):
 
 
 def test_eval_engines_and_serial_baseline(snn_file, folders):
-    counts = run_json("eval", snn_file, "--data", folders["test"], "--sop-images", "2")
-    spikes = run_json("eval", snn_file, "--data", folders["test"], "--sop-images", "2", "--engine", "spikes")
+    counts = run_json("eval", snn_file, "--trust-factory", "--data", folders["test"], "--sop-images", "2")
+    spikes = run_json("eval", snn_file, "--trust-factory", "--data", folders["test"], "--sop-images", "2", "--engine", "spikes")
     assert counts["engine"] == "counts" and spikes["engine"] == "spikes"
     assert spikes["top1"] == counts["top1"] and spikes["sites"] == counts["sites"]
-    serial = run_json("eval", snn_file, "--data", folders["test"], "--neuron", "serial", "--sop-images", "2")
+    serial = run_json("eval", snn_file, "--trust-factory", "--data", folders["test"], "--neuron", "serial", "--sop-images", "2")
     assert serial["neuron"] == "serial" and serial["engine"] == "spikes" and serial["time_steps"] == 4
 
 
 def test_eval_num_images_subset(snn_file, folders):
-    doc = run_json("eval", snn_file, "--data", folders["test"], "--num-images", "5", "--seed", "1")
+    doc = run_json("eval", snn_file, "--trust-factory", "--data", folders["test"], "--num-images", "5", "--seed", "1")
     assert doc["num_images"] == 5
 
 
 def test_eval_human_output(snn_file, folders):
-    result = run("eval", snn_file, "--data", folders["test"])
+    result = run("eval", snn_file, "--trust-factory", "--data", folders["test"])
     text = result.stdout
     for needle in ("SNN (T=4)", "ANN", "top-1", "top-1 agreement SNN vs ANN", "images/s", "ms per batch",
                    "SOPs per image", "Spiking layers", "Synaptic layers", "direct encoding", "relu1", "conv2"):
@@ -196,7 +196,7 @@ def test_inspect_snn_and_calibration(snn_file, calib_file):
     assert doc["model"]["name"] == TINY and doc["format_version"] == 4 and doc["encoding_levels"] == 64
     # relu1 sees the image through conv1/bn1 only: it encodes it, with ceil(64/4) = 16 neurons per channel
     assert [s["population"] for s in doc["sites"]][:2] == [16, 1] and doc["sites"][0]["encoding"]
-    snn = pconv.load(snn_file)
+    snn = pconv.load(snn_file, trust_factory=True)
     for site in doc["sites"]:
         theta = snn.neurons()[site["name"]].theta_in
         assert site["theta"]["max"] == pytest.approx(float(theta.max()), rel=1e-6)
@@ -210,9 +210,9 @@ def test_input_overrides_for_a_model_without_data_config(folders, tmp_path):
     out = tmp_path / "bare.safetensors"
     run_json("convert", "cli_models:bare_cnn", "--data", folders["calib"], "-T", "2", "-o", out,
              "--input-size", "16", "--mean", "0.5", "--std", "0.2,0.3,0.4")
-    config = read_header(out).json("data_config")
+    config = read_metadata(out)[0].data_config
     assert config["input_size"] == [3, 16, 16] and config["mean"] == [0.5] * 3 and config["std"] == [0.2, 0.3, 0.4]
-    doc = run_json("eval", out, "--data", folders["test"], "--sop-images", "0")
+    doc = run_json("eval", out, "--trust-factory", "--data", folders["test"], "--sop-images", "0")
     assert doc["input_size"] == [3, 16, 16]
 
 
@@ -224,14 +224,14 @@ def test_checkpoint_pth_and_safetensors(folders, tmp_path):
     for ckpt in (pth, st):
         out = tmp_path / f"{ckpt.suffix[1:]}.safetensors"
         run_json("convert", TINY, "-c", ckpt, "--data", folders["calib"], "-T", "2", "-o", out)
-        loaded = pconv.load(out)
+        loaded = pconv.load(out, trust_factory=True)
         assert torch.equal(loaded.net.conv1.weight, weights["conv1.weight"])
 
 
 def test_timm_model_name_with_num_classes(folders, tmp_path):
     out = tmp_path / "timm.safetensors"
     doc = run_json("convert", "resnet10t", "--num-classes", "3", "--data", folders["calib"], "-T", "2", "-o", out,
-                   "--input-size", "32", "--num-images", "3", "--calibration", "none")
+                   "--input-size", "32", "--num-images", "3", "--calibration", "none", "--random-weights")
     assert doc["num_sites"] > 5
     header = read_header(out)
     assert json.loads(header.metadata["model"]) == {"kind": "timm", "name": "resnet10t", "kwargs": {"num_classes": 3}}
@@ -295,7 +295,7 @@ def test_corrupt_or_truncated_pconv_file(snn_file, folders, tmp_path, damage):
     for command in (["eval", bad, "--data", folders["test"]], ["inspect", bad]):
         assert expect in error_line(run(*command, ok=False))
     with pytest.raises(pconv.FormatError):
-        pconv.load(bad)
+        pconv.load(bad, trust_factory=True)
 
 
 def test_tensors_that_do_not_match_metadata(snn_file, folders, tmp_path):
@@ -304,7 +304,7 @@ def test_tensors_that_do_not_match_metadata(snn_file, folders, tmp_path):
     bad = tmp_path / "mismatch.safetensors"
     tensors["neurons.relu1.theta_in"] = torch.ones(99)
     save_file(tensors, str(bad), metadata=meta)
-    assert "do not match its metadata" in error_line(run("eval", bad, "--data", folders["test"], ok=False))
+    assert "do not match its metadata" in error_line(run("eval", bad, "--trust-factory", "--data", folders["test"], ok=False))
     del tensors["neurons.relu1.theta_in"]
     save_file(tensors, str(bad), metadata=meta)
     assert "missing" in error_line(run("inspect", bad, ok=False))
@@ -323,10 +323,10 @@ def test_unreadable_image(tmp_path, snn_file):
     (folder / "c1" / "bad.png").write_bytes(b"\x89PNG but not really")
     line = error_line(run("convert", TINY, "--data", folder, "-o", tmp_path / "o", ok=False))
     assert "cannot read image" in line and "bad.png" in line
-    line = error_line(run("eval", snn_file, "--data", folder, ok=False))
+    line = error_line(run("eval", snn_file, "--trust-factory", "--data", folder, ok=False))
     assert "bad.png" in line
     # raised in a DataLoader worker process: still one line naming the file
-    line = error_line(run("eval", snn_file, "--data", folder, "--workers", "1", ok=False))
+    line = error_line(run("eval", snn_file, "--trust-factory", "--data", folder, "--workers", "1", ok=False))
     assert "cannot read image" in line and "bad.png" in line and "Traceback" not in line
 
 
@@ -352,7 +352,7 @@ def test_existing_output_is_left_untouched_without_force(folders, tmp_path):
         assert "already exists" in line and "--force" in line
         assert out.read_bytes() == b"precious"
     run("convert", TINY, "--data", folders["calib"], "-T", "2", "-o", out, "--force")
-    assert pconv.load(out).time_steps == 2
+    assert pconv.load(out, trust_factory=True).time_steps == 2
 
 
 def test_interrupted_write_leaves_no_file(folders, tmp_path, monkeypatch):
@@ -392,7 +392,7 @@ def test_calibration_without_the_requested_T(calib_file, tmp_path):
 
 
 def test_calibration_file_is_not_an_snn(calib_file, folders):
-    line = error_line(run("eval", calib_file, "--data", folders["test"], ok=False))
+    line = error_line(run("eval", calib_file, "--trust-factory", "--data", folders["test"], ok=False))
     assert "calibration file, not an SNN" in line
 
 
@@ -412,22 +412,22 @@ def test_usage_errors_exit_2(folders, calib_file, tmp_path, args, needle):
 
 
 def test_engine_the_neuron_cannot_run(snn_file, folders):
-    line = error_line(run("eval", snn_file, "--data", folders["test"], "--engine", "steps", ok=False))
+    line = error_line(run("eval", snn_file, "--trust-factory", "--data", folders["test"], "--engine", "steps", ok=False))
     assert "parallel neuron cannot run in the 'steps' engine" in line
-    line = error_line(run("eval", snn_file, "--data", folders["test"], "--neuron", "serial", "--engine", "counts",
+    line = error_line(run("eval", snn_file, "--trust-factory", "--data", folders["test"], "--neuron", "serial", "--engine", "counts",
                           ok=False))
     assert "serial neuron cannot run in the 'counts' engine" in line and "spikes" in line
 
 
 def test_labels_outside_the_models_classes(snn_file, tmp_path):
     folder = cli_models.write_random_folder(tmp_path / "five", classes=5, per_class=1)
-    line = error_line(run("eval", snn_file, "--data", folder, ok=False))
-    assert "outside the model's 3 classes" in line
+    line = error_line(run("eval", snn_file, "--trust-factory", "--data", folder, ok=False))
+    assert "the class map lists 5 classes, the model has 3" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda(snn_file, folders):
-    assert "CUDA is not available" in error_line(run("eval", snn_file, "--data", folders["test"], "--device",
+    assert "CUDA is not available" in error_line(run("eval", snn_file, "--trust-factory", "--data", folders["test"], "--device",
                                                      "cuda", ok=False))
 
 
@@ -469,7 +469,7 @@ def run_by_the_spec(snn_file, folders) -> None:
 
     x, _ = next(iter(image_loader(folders["test"], cfg, batch_size=18)))
     with torch.inference_mode():
-        assert torch.allclose(forward(x), pconv.load(snn_file)(x), atol=1e-5)
+        assert torch.allclose(forward(x), pconv.load(snn_file, trust_factory=True)(x), atol=1e-5)
 
 
 def test_format_spec_is_enough_to_run_the_snn(snn_file, folders):
@@ -494,10 +494,13 @@ def test_population_budget_codes_a_hidden_site_end_to_end(folders, tmp_path):
     assert "T=4: 1 site × 16 neurons per channel (act2)" in text
 
 
-def test_calibration_from_the_api_without_fingerprint_warns(folders, tmp_path):
+def test_calibration_without_fingerprint_warns(folders, tmp_path):
     model = cli_models.tiny_cnn()
     loader = image_loader(folders["calib"], pconv.pipeline.data_config_of(model), batch_size=64)
-    pconv.save_calibration(pconv.calibrate(model, loader, time_steps=[2]), tmp_path / "api.safetensors")
+    calibration = pconv.calibrate(model, loader, time_steps=[2])
+    assert calibration.provenance["weights_sha256"] == pconv.models.weights_fingerprint(model)
+    del calibration.provenance["weights_sha256"]  # as in files of pconv versions that did not record it
+    pconv.save_calibration(calibration, tmp_path / "api.safetensors")
     result = run("convert", TINY, "--calib", tmp_path / "api.safetensors", "-o", tmp_path / "s.safetensors", "--json")
     assert json.loads(result.stdout)["time_steps"] == 2
     assert "Warning:" in result.stderr and "fingerprint" in result.stderr

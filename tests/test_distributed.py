@@ -76,7 +76,7 @@ def test_torchrun_cli_equals_single_process(tmp_path):
     one = runner.invoke(cli, ["convert", model, "--data", str(calib_dir), "-T", "4", "-b", "4", "--threshold",
                               "max", "-o", str(tmp_path / "one.safetensors"), "--json"])
     assert one.exit_code == 0, one.stderr
-    a, b = pconv.load(tmp_path / "one.safetensors"), pconv.load(tmp_path / "two.safetensors")
+    a, b = pconv.load(tmp_path / "one.safetensors", trust_factory=True), pconv.load(tmp_path / "two.safetensors", trust_factory=True)
     for name, neuron in a.neurons().items():
         other = b.neurons()[name]
         # Batches differ between the runs, and a convolution's last bit may depend on its batch.
@@ -84,9 +84,9 @@ def test_torchrun_cli_equals_single_process(tmp_path):
         assert torch.allclose(neuron.bias, other.bias, atol=1e-5, rtol=0)
         assert torch.allclose(neuron.theta_out, other.theta_out, atol=1e-5, rtol=0)
 
-    ev2 = torchrun(tmp_path, "eval", tmp_path / "one.safetensors", "--data", test_dir, "-b", "4", "--json")
+    ev2 = torchrun(tmp_path, "eval", tmp_path / "one.safetensors", "--trust-factory", "--data", test_dir, "-b", "4", "--json")
     assert ev2.returncode == 0, ev2.stderr
-    ev1 = runner.invoke(cli, ["eval", str(tmp_path / "one.safetensors"), "--data", str(test_dir), "-b", "4", "--json"])
+    ev1 = runner.invoke(cli, ["eval", str(tmp_path / "one.safetensors"), "--trust-factory", "--data", str(test_dir), "-b", "4", "--json"])
     d1, d2 = json.loads(ev1.stdout), json.loads(ev2.stdout)
     for key in ("num_images", "top1", "top5", "ann_top1", "ann_top5", "top1_agreement", "mean_firing_rate"):
         assert d1[key] == pytest.approx(d2[key], abs=1e-6), key

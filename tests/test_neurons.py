@@ -37,7 +37,7 @@ def test_parallel_time_mean_equals_qcfs(T):
     g = torch.Generator().manual_seed(T)
     for dyadic in (False, True):
         theta, d_in, d_out = random_params(T, g, dyadic)
-        neuron = make_neuron("parallel", theta, d_in, d_out, T, site()).double()
+        neuron = make_neuron("parallel", theta, d_in, d_out, T).double()
         neuron.set_engine("spikes")
         x = spike_input(T, g)
         spikes = neuron.steps_view(neuron(x))
@@ -67,7 +67,7 @@ def test_qcfs_without_shifts_is_the_textbook_formula(T):
 def test_spike_trains_are_sorted(T):
     g = torch.Generator().manual_seed(1)
     theta, d_in, d_out = random_params(T, g)
-    neuron = make_neuron("parallel", theta, d_in, d_out, T, site()).double()
+    neuron = make_neuron("parallel", theta, d_in, d_out, T).double()
     neuron.set_engine("spikes")
     fired = neuron.steps_view(neuron(spike_input(T, g))) != 0
     k = fired.sum(dim=0)
@@ -81,7 +81,7 @@ def test_spike_trains_are_sorted(T):
 def test_max_pool_commutes_with_sorted_spike_trains(T):
     g = torch.Generator().manual_seed(2)
     theta, d_in, d_out = random_params(T, g)
-    neuron = make_neuron("parallel", theta, d_in, d_out, T, site()).double()
+    neuron = make_neuron("parallel", theta, d_in, d_out, T).double()
     neuron.set_engine("spikes")
     x = spike_input(T, g, H=6)
     pooled_trains = F.max_pool2d(neuron(x), 2)
@@ -100,8 +100,8 @@ def test_serial_equals_parallel_on_constant_input(T):
     # Input shifts keep the initial membrane b = theta/2 + T*delta_in inside [0, theta).
     d_in = (torch.rand(C, generator=g, dtype=torch.float64) - 0.5) * 0.9 * theta / T
     d_out = torch.round((torch.rand(C, generator=g, dtype=torch.float64) - 0.5) * 0.2 * 64) / 64
-    parallel = make_neuron("parallel", theta, d_in, d_out, T, site()).double()
-    serial = make_neuron("serial", theta, d_in, d_out, T, site()).double()
+    parallel = make_neuron("parallel", theta, d_in, d_out, T).double()
+    serial = make_neuron("serial", theta, d_in, d_out, T).double()
     parallel.set_engine("spikes")
     x = torch.randn(7, C, 3, 3, generator=g, dtype=torch.float64) * theta.view(1, C, 1, 1)
     constant = x.unsqueeze(0).expand(T, *x.shape).reshape(T * 7, *x.shape[1:])
@@ -117,8 +117,8 @@ def test_serial_differs_from_parallel_on_time_varying_input():
     theta = torch.ones(1, dtype=torch.float64)
     zero = torch.zeros(1, dtype=torch.float64)
     s = Site("act", "relu", 1, 2)
-    parallel = make_neuron("parallel", theta, zero, zero, T, s).double()
-    serial = make_neuron("serial", theta, zero, zero, T, s).double()
+    parallel = make_neuron("parallel", theta, zero, zero, T).double()
+    serial = make_neuron("serial", theta, zero, zero, T).double()
     parallel.set_engine("spikes")
     late = torch.tensor([[-1.0], [-1.0], [2.0], [2.0]], dtype=torch.float64)  # mean 0.5
     assert parallel(late).sum() == 2.0  # round(T * 0.5 + 0.5) = 2 spikes
@@ -128,7 +128,7 @@ def test_serial_differs_from_parallel_on_time_varying_input():
 def test_neuron_registry_and_engines():
     assert {"parallel", "serial"} <= set(NEURONS.names())
     assert NEURONS.get("parallel") is ParallelIF and NEURONS.get("serial") is SerialIF
-    n = make_neuron("serial", torch.ones(2), torch.zeros(2), torch.zeros(2), 4, site(2))
+    n = make_neuron("serial", torch.ones(2), torch.zeros(2), torch.zeros(2), 4)
     with pytest.raises(Exception, match="cannot run in the 'counts' engine"):
         n.set_engine("counts")
     with pytest.raises(Exception, match="did you mean 'parallel'"):
@@ -139,6 +139,6 @@ def test_linear_layout_channels_on_dim_1():
     T = 8
     g = torch.Generator().manual_seed(4)
     theta, d_in, d_out = random_params(T, g)
-    neuron = make_neuron("parallel", theta, d_in, d_out, T, site(ndim=2)).double()
+    neuron = make_neuron("parallel", theta, d_in, d_out, T).double()
     x = torch.randn(3, C, generator=g, dtype=torch.float64)
     assert torch.equal(neuron(x), PF.qcfs(x, theta, d_in, d_out, T))

@@ -51,8 +51,8 @@ def test_engines_and_neuron_types_agree_for_a_population(m):
     bias = torch.rand(6, generator=g, dtype=torch.float64) * 0.3
     theta_out = theta_in * 1.1
     x = torch.randn(3, 6, 4, 4, generator=g, dtype=torch.float64)
-    parallel = ParallelIF(theta_in, bias, theta_out, T, site, m)
-    serial = SerialIF(theta_in, bias, theta_out, T, site, m)
+    parallel = ParallelIF(theta_in, bias, theta_out, T, m)
+    serial = SerialIF(theta_in, bias, theta_out, T, m)
     repeated = x.unsqueeze(0).expand(T, *x.shape).reshape(T * 3, *x.shape[1:])
     seen = []
     parallel.count_hook = seen.append
@@ -122,7 +122,7 @@ def test_population_survives_the_file_round_trip(tmp_path):
     assert again.encoding_levels == 20 and again.populations(2)["features.2"] == 10
     assert again.populations(8)["features.2"] == 3
     snn = pconv.convert(model, again, time_steps=2)
-    loaded = pconv.load(pconv.save(snn, tmp_path / "s.safetensors"))
+    loaded = pconv.load(pconv.save(snn, tmp_path / "s.safetensors"), trust_factory=True)
     assert loaded.neurons()["features.2"].population == 10
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
@@ -154,7 +154,7 @@ def assert_refused(bad, match: str) -> None:
     from pconv.cli.main import cli
 
     with pytest.raises(pconv.FormatError, match=match):
-        pconv.load(bad)
+        pconv.load(bad, trust_factory=True)
     result = CliRunner().invoke(cli, ["inspect", str(bad)])
     assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith("Error:")
 

@@ -1,39 +1,83 @@
 """Image folders -> batches, through timm's dataset and transform factories with the model's data config.
 
-A folder in class-subfolder layout (or anything `timm.data.create_dataset` reads, e.g. tar shards). If the
-folder holds a `class_map.txt` (one class-folder name per line, line k = class k), labels follow it, so a
-folder with only some of the classes still gets the model's class indices.
+A folder in class-subfolder layout (or anything `timm.data.create_dataset` reads, e.g. tar shards).
+Calibration needs no labels and reads any folder of images (`labelled=False`). Evaluation needs labels that
+are the model's class indices, and never guesses them (`class_indices`):
+
+1. a class map (`class_map.txt` in the folder, or a file passed in): one class-folder name per line, line k
+   being class k; every folder holding images must be listed;
+2. else folder names that are class indices (`0`, `17`, `003`);
+3. else, for a 1000-class model, ImageNet wnids (`n01440764`), numbered as timm's ImageNet class info does;
+4. else the sorted folder names, but only when there are as many folders as the model has classes.
+
+Anything else (images outside class folders, a subset of classes without a map) is refused, naming what is
+missing.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Mapping, Sequence
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 CLASS_MAP_FILE = "class_map.txt"
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash", "border")
+REQUIRED_KEYS = ("input_size", "mean", "std")
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf") for v in value)
+
+
+def check_data_config(cfg: Any, partial: bool = False) -> dict[str, Any]:
+    """A validated copy of a timm-style data config (tuples as lists); ConfigError names the bad key.
+    `partial`: the keys may be missing (a file made from a model without a data config)."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError("the data config is not an object", "it maps timm's keys (input_size, mean, std, ...)")
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    size = out.get("input_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+        raise ConfigError(f"input_size {size!r} is not [channels, height, width]", "for example [3, 224, 224]")
+    for key in ("mean", "std"):
+        value = out.get(key)
+        if value is None:
+            continue
+        if not _numbers(value):
+            raise ConfigError(f"{key} {value!r} is not a list of numbers", "for example [0.485, 0.456, 0.406]")
+        if size is not None and len(value) != size[0]:
+            raise ConfigError(f"{key} has {len(value)} values for {size[0]} input channels",
+                              f"give {size[0]} values")
+    if out.get("std") is not None and min(out["std"]) <= 0:
+        raise ConfigError("std values must be positive", "for example [0.229, 0.224, 0.225]")
+    if "interpolation" in out and out["interpolation"] not in INTERPOLATIONS:
+        raise ConfigError(f"interpolation {out['interpolation']!r} is unknown", f"use one of {', '.join(INTERPOLATIONS)}")
+    crop = out.get("crop_pct")
+    if crop is not None and not (_numbers([crop]) and 0 < crop <= 4):
+        raise ConfigError(f"crop_pct {crop!r} is not a fraction in (0, 4]", "for example 0.875")
+    if "crop_mode" in out and out["crop_mode"] not in CROP_MODES:
+        raise ConfigError(f"crop_mode {out['crop_mode']!r} is unknown", f"use one of {', '.join(CROP_MODES)}")
+    if not partial:
+        for key in REQUIRED_KEYS:
+            if out.get(key) is None:
+                raise ConfigError(f"the model's data config has no {key!r}",
+                                  "pass --mean/--std/--input-size, or give the model a timm-style pretrained_cfg")
+    return out
 
 
 def resolve_config(data_config: dict[str, Any], mean=None, std=None, input_size=None) -> dict[str, Any]:
-    """The model's data config with user overrides applied (timm's key names)."""
+    """The model's data config with user overrides applied (timm's key names), validated."""
     cfg = dict(data_config)
-    if mean is not None:
-        cfg["mean"] = tuple(mean)
-    if std is not None:
-        cfg["std"] = tuple(std)
-    if input_size is not None:
-        cfg["input_size"] = tuple(input_size)
-    for key in ("input_size", "mean", "std"):
-        if key not in cfg:
-            raise DataError(f"the model's data config has no {key!r}",
-                            "pass --mean/--std/--input-size, or give the model a timm-style pretrained_cfg")
-    return cfg
+    for key, value in (("mean", mean), ("std", std), ("input_size", input_size)):
+        if value is not None:
+            cfg[key] = list(value)
+    return check_data_config(cfg)
 
 
 class _CheckedDataset(Dataset):
@@ -80,24 +124,110 @@ class _CheckedDataset(Dataset):
             return f"#{index}"
 
 
-def image_dataset(root: str | Path, data_config: dict[str, Any]) -> Dataset:
-    """The images under `root`, transformed for evaluation with `data_config`."""
+class _Relabel:
+    """target_transform: the reader's class index (sorted folder names) -> the model's class index."""
+
+    def __init__(self, indices: Sequence[int]):
+        self.indices = list(indices)
+
+    def __call__(self, target: int) -> int:
+        return self.indices[int(target)]
+
+
+def read_class_map(path: str | Path) -> list[str]:
+    """Class-folder names, line k = class k (a text file; other formats, such as pickles, are refused)."""
+    path = Path(path)
+    if path.suffix.lower() != ".txt":
+        raise DataError(f"class map {str(path)!r} is not a .txt file",
+                        "write one class-folder name per line, line k being class k")
+    if not path.is_file():
+        raise DataError(f"class map {str(path)!r} does not exist", "check the --class-map path")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read class map {str(path)!r}: {e}", "it must be UTF-8 text") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = [line.strip() for line in lines]
+    if not names or any(not n for n in names):
+        raise DataError(f"class map {str(path)!r} has an empty line or no names",
+                        "one class-folder name per line, line k being class k")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"class map {str(path)!r} lists {repeated[0]!r} twice", "each class once")
+    return names
+
+
+def _shown(names: Sequence[str], limit: int = 4) -> str:
+    names = [repr(n) for n in names]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def class_indices(folders: Sequence[str], num_classes: int, class_map: Sequence[str] | None = None) -> dict[str, int]:
+    """The model's class index of every class folder (`''`: images outside any class folder), by the rules in
+    the module docstring; DataError when the labels cannot be matched."""
+    if "" in folders:
+        raise DataError("the folder holds images outside class subfolders, so they have no label",
+                        "put each class's images in a subfolder named after it (calibration needs no labels)")
+    if class_map is not None:
+        index = {name: k for k, name in enumerate(class_map)}
+        unlisted = [f for f in folders if f not in index]
+        if unlisted:
+            raise DataError(f"the class map does not list the folders {_shown(unlisted)}",
+                            "add them to the class map, one class-folder name per line")
+        if len(class_map) > num_classes:
+            raise DataError(f"the class map lists {len(class_map)} classes, the model has {num_classes}",
+                            "use the class map of this model's classes")
+        return {f: index[f] for f in folders}
+    if all(f.isdigit() for f in folders):
+        outside = [f for f in folders if int(f) >= num_classes]
+        if outside:
+            raise DataError(f"the class folders {_shown(outside)} are beyond the model's {num_classes} classes",
+                            f"class-index folders run from 0 to {num_classes - 1}")
+        return {f: int(f) for f in folders}
+    if num_classes == 1000:
+        wnids = _imagenet_wnids()
+        if all(f in wnids for f in folders):
+            return {f: wnids[f] for f in folders}
+    if len(folders) == num_classes:
+        from timm.utils.misc import natural_key
+
+        return {f: k for k, f in enumerate(sorted(folders, key=natural_key))}
+    raise DataError(f"the folder's {len(folders)} classes ({_shown(sorted(folders))}) cannot be matched to the "
+                    f"model's {num_classes} outputs",
+                    f"name them with --class-map FILE or {CLASS_MAP_FILE} (line k = class k), or name the folders "
+                    "by class index")
+
+
+def _imagenet_wnids() -> dict[str, int]:
+    from timm.data import ImageNetInfo
+
+    return {wnid: k for k, wnid in enumerate(ImageNetInfo().label_names())}
+
+
+def image_dataset(root: str | Path, data_config: dict[str, Any], num_classes: int | None = None,
+                  class_map: str | Path | None = None, labelled: bool = True) -> Dataset:
+    """The images under `root`, transformed for evaluation with `data_config`.
+
+    `labelled=False` (calibration): any folder of images; the labels are meaningless. Else the labels are the
+    model's class indices when `num_classes` is given (`class_indices`; `class_map`, or the folder's
+    class_map.txt), and the folder's own numbering (class_map.txt, else sorted names) otherwise."""
     from timm.data import create_dataset, create_transform
 
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder {str(root)!r} does not exist", "check the --data path")
-    class_map = root / CLASS_MAP_FILE if (root / CLASS_MAP_FILE).is_file() else ""
     channels = data_config["input_size"][0]
     try:
-        dataset = create_dataset("", root=str(root), split="", class_map=str(class_map),
-                                 input_img_mode="L" if channels == 1 else "RGB")
+        dataset = create_dataset("", root=str(root), split="", input_img_mode="L" if channels == 1 else "RGB")
     except Exception as e:
         raise DataError(f"cannot read data folder {str(root)!r}: {str(e).splitlines()[0][:160]}",
                         "expected class subfolders holding images") from None
     if len(dataset) == 0:
         raise DataError(f"data folder {str(root)!r} holds no images",
                         "expected class subfolders holding .jpg/.png images")
+    if labelled:
+        dataset.target_transform = _relabel(dataset, root, num_classes, class_map)
     dataset.transform = create_transform(
         input_size=data_config["input_size"], interpolation=data_config.get("interpolation", "bilinear"),
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config.get("crop_pct", 1.0),
@@ -105,12 +235,30 @@ def image_dataset(root: str | Path, data_config: dict[str, Any]) -> Dataset:
     return _CheckedDataset(dataset)
 
 
+def _relabel(dataset: Dataset, root: Path, num_classes: int | None, class_map: str | Path | None) -> _Relabel:
+    reader = getattr(dataset, "reader", None)
+    reader_classes = getattr(reader, "class_to_idx", None) or getattr(reader, "class_name_to_idx", None)
+    if not isinstance(reader_classes, dict):
+        raise DataError(f"cannot tell the classes of the images in {str(root)!r}",
+                        "use a folder with one subfolder per class")
+    folders = sorted(reader_classes, key=reader_classes.get)  # the reader's index order
+    if class_map is None and (root / CLASS_MAP_FILE).is_file():
+        class_map = root / CLASS_MAP_FILE
+    names = read_class_map(class_map) if class_map is not None else None
+    if num_classes is None:  # no model to match: the folder's own numbering
+        if names is None:
+            return _Relabel(range(len(folders)))
+        num_classes = len(names)
+    mapping = class_indices(folders, num_classes, names)
+    return _Relabel([mapping[f] for f in folders])
+
+
 def subset(dataset: Dataset, num_images: int | None, seed: int | None = 0) -> Dataset:
     """`num_images` images drawn without replacement (seeded), or all of them in order."""
     if num_images is None:
         return dataset
     if num_images < 1:
-        raise DataError(f"--num-images must be at least 1, got {num_images}", "for example --num-images 256")
+        raise ConfigError(f"--num-images must be at least 1, got {num_images}", "for example --num-images 256")
     if num_images > len(dataset):
         raise DataError(f"asked for {num_images} images but the folder holds {len(dataset)}",
                         f"use --num-images {len(dataset)} or fewer")
@@ -122,17 +270,10 @@ def subset(dataset: Dataset, num_images: int | None, seed: int | None = 0) -> Da
 
 
 def image_loader(root: str | Path, data_config: dict[str, Any], batch_size: int = 64, num_images: int | None = None,
-                 seed: int | None = 0, workers: int = 0) -> DataLoader:
+                 seed: int | None = 0, workers: int = 0, num_classes: int | None = None,
+                 class_map: str | Path | None = None, labelled: bool = True) -> DataLoader:
+    """Batches of (images, labels) from `root` (see image_dataset for the labels)."""
     if batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1, got {batch_size}", "for example --batch-size 64")
-    dataset = subset(image_dataset(root, data_config), num_images, seed)
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}", "for example --batch-size 64")
+    dataset = subset(image_dataset(root, data_config, num_classes, class_map, labelled), num_images, seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-
-
-def num_batches(loader: DataLoader) -> int:
-    return math.ceil(len(loader.dataset) / loader.batch_size)
-
-
-def images_only(loader: DataLoader) -> Iterator[Tensor]:
-    for x, _ in loader:
-        yield x

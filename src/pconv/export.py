@@ -1,37 +1,27 @@
-"""Save and load SNNs and calibrations as self-describing safetensors files (spec: docs/format.md)."""
+"""Save and load SNNs and calibrations as self-describing safetensors files (spec: docs/format.md).
+
+Every metadata entry goes through `format.FileMetadata`, which validates what it reads. Loading an SNN
+builds the architecture the file names (a timm model, pconv's own, or, with `trust_factory=True`, the user's
+factory) and the network from the file alone.
+"""
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import FormatError, PconvError
 from .fileio import atomic_write
-from .format import (CALIBRATION_TENSORS, FORMAT_NAME, FORMAT_VERSION, NEURON_TENSORS, REFIT_PREFIX, ANN_PREFIX,
-                     Header,
-                     read_header)
+from .format import (ANN_PREFIX, CALIBRATION_TENSORS, NEURON_TENSORS, REFIT_PREFIX, FileMetadata, check_tensor_shapes,
+                     read_metadata)
 from .models import ModelSource, add_missing_biases, load_weights
 from .neurons import NEURONS
-from .pipeline import Calibration, SiteParams, build_snn
-from .sites import Site
-from .snn import ConversionInfo, SpikingNetwork, info_to_json
-from .version import __version__
-
-
-def _base_metadata(kind: str) -> dict[str, str]:
-    return {
-        "pconv.format": FORMAT_NAME,
-        "pconv.format_version": str(FORMAT_VERSION),
-        "pconv.kind": kind,
-        "pconv.version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+from .pipeline import Calibration, SiteParams
+from .snn import ConversionInfo, SpikingNetwork, spiking_network
 
 
 def _portable(t: Tensor) -> Tensor:
@@ -51,6 +41,15 @@ def _require_source(source: ModelSource | None) -> ModelSource:
     return source
 
 
+def snn_metadata(info: ConversionInfo) -> FileMetadata:
+    return FileMetadata(
+        kind="snn", time_steps=(info.time_steps,), sites=tuple(info.sites), threshold=info.threshold,
+        calibration=info.calibration, model=info.source, data_config=dict(info.data_config),
+        provenance=dict(info.provenance), encoding_levels=info.encoding_levels,
+        populated={info.time_steps: tuple(info.populated)} if info.populated else {}, neuron=info.neuron,
+        num_classes=info.num_classes)
+
+
 def save(snn: SpikingNetwork, path: str | Path, force: bool = False) -> Path:
     """Write `snn` to one safetensors file (atomically). Refuses to overwrite without `force`."""
     info = snn.info
@@ -68,7 +67,7 @@ def save(snn: SpikingNetwork, path: str | Path, force: bool = False) -> Path:
     for key, value in snn.ann_weights.items():  # the ANN's own values of refitted entries
         if value is not None:
             tensors[f"{ANN_PREFIX}{key}"] = _portable(value)
-    metadata = {**_base_metadata("snn"), **info_to_json(info)}
+    metadata = snn_metadata(info).to_metadata()
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), force)
 
 
@@ -79,93 +78,50 @@ def _load_tensors(path: Path) -> dict[str, Tensor]:
         raise FormatError(f"cannot read tensors of {str(path)!r}: {e}", "the file is corrupt or truncated") from None
 
 
-def _sites(header: Header) -> list[Site]:
-    try:
-        return [Site.from_dict(d) for d in header.json("sites")]
-    except TypeError:
-        raise FormatError("the site list in the metadata is malformed", "the file is corrupt") from None
+def load(path: str | Path, device: str | torch.device = "cpu", trust_factory: bool = False) -> SpikingNetwork:
+    """Rebuild a saved SNN offline; its outputs equal the saved network's exactly.
 
-
-def encoding_levels_of(header: Header) -> int:
-    """Absent before format version 3: one neuron per channel everywhere."""
-    value = header.metadata.get("encoding_levels", "0")
-    if not value.isdigit():
-        raise FormatError(f"encoding_levels {value!r} in the metadata is not a count", "the file is corrupt")
-    return int(value)
-
-
-def populated_of(header: Header, sites: list[Site], steps: list[int]) -> dict[int, list[str]]:
-    """The hidden population-coded sites per T (absent before format version 4: none).
-
-    An SNN file stores a list (its one T), a calibration file {T: list}."""
-    raw = header.metadata.get("populated")
-    if raw is None:
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise FormatError("the 'populated' metadata entry is not JSON", "the file is corrupt") from None
-    if isinstance(value, list) and len(steps) == 1:
-        value = {str(steps[0]): value}
-    names = {s.name for s in sites}
-    if not isinstance(value, dict) or any(not isinstance(v, list) for v in value.values()):
-        raise FormatError("the 'populated' metadata entry is malformed", "the file is corrupt")
-    out: dict[int, list[str]] = {}
-    for step, listed in value.items():
-        if not step.isdigit() or int(step) not in steps or not all(isinstance(n, str) and n in names for n in listed):
-            raise FormatError(f"the 'populated' metadata names a T or site the file does not have ({step!r})",
-                              "the file is corrupt")
-        if listed:
-            out[int(step)] = list(listed)
-    return out
-
-
-def _check_shapes(tensors: dict[str, Tensor], sites: list[Site], prefix: str, leaves: tuple[str, ...]) -> None:
-    for site in sites:
-        for leaf in leaves:
-            key = f"{prefix}{site.name}.{leaf}"
-            if key not in tensors:
-                raise FormatError(f"tensor {key!r} is missing", "the file's tensors do not match its metadata")
-            if tuple(tensors[key].shape) != (site.channels,):
-                raise FormatError(f"tensor {key!r} has shape {tuple(tensors[key].shape)}, the metadata says "
-                                  f"({site.channels},)", "the file's tensors do not match its metadata")
-
-
-def load(path: str | Path, device: str | torch.device = "cpu") -> SpikingNetwork:
-    """Rebuild a saved SNN offline; its outputs equal the saved network's exactly."""
+    The file names its architecture. A timm model or one of pconv's own is built as named; a factory of the
+    user's only with `trust_factory=True` (it runs that code), else UntrustedFactoryError."""
     path = Path(path)
-    header = read_header(path)
-    if header.kind != "snn":
-        raise FormatError(f"{str(path)!r} is a {header.kind} file, not an SNN",
+    meta, header = read_metadata(path)
+    if meta.kind != "snn":
+        raise FormatError(f"{str(path)!r} is a {meta.kind} file, not an SNN",
                           "convert it first: pconv convert MODEL --calib FILE -T 8 -o snn.safetensors")
-    meta = header.metadata
-    sites = _sites(header)
-    source = ModelSource.from_json(meta["model"])
-    neuron = meta["neuron"]
-    NEURONS.get(neuron)
+    if meta.neuron not in NEURONS:
+        raise FormatError(f"{str(path)!r} names the neuron {meta.neuron!r}, which this pconv does not know",
+                          f"known neurons: {', '.join(NEURONS.names())}; upgrade pconv")
+    check_tensor_shapes(header, meta.sites, "neurons.", NEURON_TENSORS)
+    if meta.model is None:
+        raise FormatError(f"{str(path)!r} does not say how to rebuild its architecture", "the file is corrupt")
+    model = meta.model.build(trust_factory=trust_factory)  # refuses an untrusted factory before reading tensors
     tensors = _load_tensors(path)
-    _check_shapes(tensors, sites, "neurons.", NEURON_TENSORS)
     weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
-    model = source.build().eval()
     pristine = set(model.state_dict())
     add_missing_biases(model, weights)
     load_weights(model, weights, f"the weights in {str(path)!r}")
-    model.pconv_source = source
-    model.to(device)
-    T = int(meta["time_steps"])
-    # The file stores neuron parameters; pass them through a calibration whose shifts reproduce them.
-    calibration = Calibration(sites, meta["threshold"], meta["calibration"], {T: {}}, {}, source,
-                              header.json("data_config"), header.json("provenance"),
-                              encoding_levels=encoding_levels_of(header), populated=populated_of(header, sites, [T]))
-    for site in sites:
-        calibration.params[T][site.name] = SiteParams(*(torch.zeros(site.channels),) * 3)
-    snn = build_snn(model, calibration, T, neuron)
-    for name, module in snn.neurons().items():
-        for leaf in NEURON_TENSORS:
-            getattr(module, leaf).copy_(tensors[f"neurons.{name}.{leaf}"])
+    model.pconv_source = meta.model
+    model.to(device).eval()
+    (T,) = meta.time_steps
+    info = ConversionInfo(
+        time_steps=T, neuron=meta.neuron, sites=list(meta.sites), threshold=meta.threshold,
+        calibration=meta.calibration, source=meta.model, data_config=dict(meta.data_config),
+        provenance=dict(meta.provenance), encoding_levels=meta.encoding_levels,
+        populated=list(meta.populated.get(T, ())), num_classes=meta.num_classes)
+    params = {s.name: tuple(tensors[f"neurons.{s.name}.{leaf}"] for leaf in NEURON_TENSORS) for s in meta.sites}
+    snn = spiking_network(model, info, params)
     snn.ann_weights = {key: None for key in weights if key not in pristine}  # entries a refit added
     snn.ann_weights.update({k[len(ANN_PREFIX):]: v.to(device) for k, v in tensors.items() if k.startswith(ANN_PREFIX)})
-    return snn
+    return snn.eval()
+
+
+def calibration_metadata(calibration: Calibration) -> FileMetadata:
+    return FileMetadata(
+        kind="calibration", time_steps=tuple(calibration.time_steps), sites=tuple(calibration.sites),
+        threshold=calibration.threshold, calibration=calibration.method, model=calibration.source,
+        data_config=dict(calibration.data_config), provenance=dict(calibration.provenance),
+        encoding_levels=calibration.encoding_levels,
+        populated={T: tuple(names) for T, names in calibration.populated.items() if names})
 
 
 def save_calibration(calibration: Calibration, path: str | Path, force: bool = False) -> Path:
@@ -180,34 +136,21 @@ def save_calibration(calibration: Calibration, path: str | Path, force: bool = F
             tensors[f"{REFIT_PREFIX}T{T}.{key}"] = _portable(value)
     for name, value in calibration.channel_max.items():
         tensors[f"stats.{name}.max"] = _portable(value)
-    metadata = {
-        **_base_metadata("calibration"),
-        "time_steps": json.dumps(calibration.time_steps),
-        "threshold": calibration.threshold,
-        "calibration": calibration.method,
-        "sites": json.dumps([s.to_dict() for s in calibration.sites]),
-        "model": calibration.source.to_json() if calibration.source else "",
-        "data_config": json.dumps(calibration.data_config, sort_keys=True),
-        "provenance": json.dumps(calibration.provenance, sort_keys=True),
-        "encoding_levels": str(calibration.encoding_levels),
-        "populated": json.dumps({str(T): names for T, names in sorted(calibration.populated.items())}),
-    }
+    metadata = calibration_metadata(calibration).to_metadata()
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), force)
 
 
 def load_calibration(path: str | Path) -> Calibration:
     path = Path(path)
-    header = read_header(path)
-    if header.kind != "calibration":
-        raise FormatError(f"{str(path)!r} is an {header.kind} file, not a calibration",
+    meta, header = read_metadata(path)
+    if meta.kind != "calibration":
+        raise FormatError(f"{str(path)!r} is an {meta.kind} file, not a calibration",
                           "pass a file written by `pconv calibrate`")
-    sites = _sites(header)
+    for T in meta.time_steps:
+        check_tensor_shapes(header, meta.sites, f"T{T}.", CALIBRATION_TENSORS)
     tensors = _load_tensors(path)
-    params: dict[int, dict[str, SiteParams]] = {}
-    for T in header.json("time_steps"):
-        _check_shapes(tensors, sites, f"T{T}.", CALIBRATION_TENSORS)
-        params[int(T)] = {s.name: SiteParams(*(tensors[f"T{T}.{s.name}.{leaf}"] for leaf in CALIBRATION_TENSORS))
-                          for s in sites}
+    params = {T: {s.name: SiteParams(*(tensors[f"T{T}.{s.name}.{leaf}"] for leaf in CALIBRATION_TENSORS))
+                  for s in meta.sites} for T in meta.time_steps}
     weights: dict[int, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith(REFIT_PREFIX):
@@ -215,9 +158,7 @@ def load_calibration(path: str | Path) -> Calibration:
             if not step.startswith("T") or not step[1:].isdigit() or int(step[1:]) not in params or not state_key:
                 raise FormatError(f"tensor {key!r} names no calibrated T", "the file is corrupt")
             weights.setdefault(int(step[1:]), {})[state_key] = value
-    meta = header.metadata
-    source = ModelSource.from_json(meta["model"]) if meta.get("model") else None
-    channel_max = {s.name: tensors[f"stats.{s.name}.max"] for s in sites if f"stats.{s.name}.max" in tensors}
-    return Calibration(sites, meta["threshold"], meta["calibration"], params, channel_max, source,
-                       header.json("data_config"), header.json("provenance"), weights, encoding_levels_of(header),
-                       populated_of(header, sites, sorted(params)))
+    channel_max = {s.name: tensors[f"stats.{s.name}.max"] for s in meta.sites if f"stats.{s.name}.max" in tensors}
+    return Calibration(list(meta.sites), meta.threshold, meta.calibration, params, channel_max, meta.model,
+                       dict(meta.data_config), dict(meta.provenance), weights, meta.encoding_levels,
+                       {T: list(names) for T, names in meta.populated.items()})

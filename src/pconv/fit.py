@@ -116,14 +116,14 @@ def _site_hook(half: int, progress: Progress) -> Callable:
     def hook(module: QCFS, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         x = inputs[0]
         x_q, x_ann = x[:half], x[half:]
-        theta, delta_in, delta_out = search_site(x_q, x_ann, module.theta, module.resolution, module.site.cap)
+        theta, delta_in, delta_out = search_site(x_q, x_ann, module.theta, module.resolution, module.cap)
         module.theta.copy_(theta)
         module.delta_in.copy_(delta_in)
         module.delta_out.copy_(delta_out)
         y_q = module.quantized(x_q)
         if progress:
             progress()
-        return torch.cat([y_q, activation(x_ann, module.site.cap)])
+        return torch.cat([y_q, activation(x_ann, module.cap)])
 
     return hook
 

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from . import functional as PF
 from .errors import ConfigError
 from .registry import Registry
-from .sites import Site
 
 NEURONS: Registry[Type["SpikingNeuron"]] = Registry("neuron")
 ENGINES = ("counts", "spikes", "steps")
@@ -34,10 +33,8 @@ class SpikingNeuron(nn.Module):
     engines: tuple[str, ...] = ("counts", "spikes")
     type_name = ""
 
-    def __init__(self, theta_in: Tensor, bias: Tensor, theta_out: Tensor, time_steps: int, site: Site,
-                 population: int = 1):
+    def __init__(self, theta_in: Tensor, bias: Tensor, theta_out: Tensor, time_steps: int, population: int = 1):
         super().__init__()
-        self.site = site
         self.time_steps = int(time_steps)
         self.population = int(population)
         self.register_buffer("theta_in", theta_in.detach().clone())
@@ -155,8 +152,8 @@ class SerialIF(SpikingNeuron):
 
 
 def make_neuron(kind: str, theta: Tensor, delta_in: Tensor, delta_out: Tensor, time_steps: int,
-                site: Site, population: int = 1) -> SpikingNeuron:
+                population: int = 1) -> SpikingNeuron:
     """A neuron of the registered `kind` from QCFS threshold and DA shifts (DESIGN §2)."""
     cls = NEURONS.get(kind)
     theta_in, bias, theta_out = PF.neuron_params(theta, delta_in, delta_out, time_steps, population)
-    return cls(theta_in, bias, theta_out, time_steps, site, population)
+    return cls(theta_in, bias, theta_out, time_steps, population)

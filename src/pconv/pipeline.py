@@ -18,15 +18,15 @@ from . import distributed
 from .batches import ImageBatches, images_of
 from .calibrate import CALIBRATIONS, calibration_ticks
 from .errors import ConfigError, DataError
-from .models import ModelSource, replace_weights, source_of
-from .neurons import NEURONS, make_neuron
+from . import functional as PF
+from .models import ModelSource, replace_weights, source_of, weights_fingerprint
+from .neurons import NEURONS
 from .progress import NoProgress, Progress
 from .quantize import quantize
 from .record import DEFAULT_BINS, record_activations
 from .sensitivity import choose_populated, image_chunks, site_sensitivity
-from .sites import Site, find_sites, population_size
-from .snn import ConversionInfo, SpikingNetwork
-from .swap import swap_by_name
+from .sites import ACTIVATIONS, Site, find_sites, population_size
+from .snn import ConversionInfo, SpikingNetwork, spiking_network
 from .thresholds import ThresholdSpec
 
 #: Largest T accepted: beyond this the point of few-step conversion is lost and the spike engine explodes.
@@ -124,8 +124,11 @@ def first_batch(data: Tensor | Iterable) -> tuple[Tensor, Iterable]:
 
 
 def data_config_of(model: nn.Module) -> dict[str, Any]:
+    """The model's timm data config; {} for a model without a pretrained_cfg (timm would make one up)."""
     from timm.data import resolve_data_config
 
+    if not (getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)):
+        return {}
     try:
         cfg = resolve_data_config(model=model)
     except Exception:
@@ -193,6 +196,7 @@ def calibrate(
             weights[T] = changed
     provenance = {
         "num_images": distributed.reduce_count(batches.num_images),
+        "weights_sha256": weights_fingerprint(model),
         "world_size": distributed.world_size(),
         "calibration_seconds": round(time.perf_counter() - started, 3),
         "torch_version": torch.__version__,
@@ -202,8 +206,10 @@ def calibrate(
         provenance["auto"] = {str(T): f"{p}/{m}" for T, (p, m) in plans.items()}
     if population_budget > 0:
         provenance["population_budget"] = population_budget
+    data_config = data_config_of(model)
+    data_config.setdefault("input_size", list(first.shape[1:]))  # what convert probes the model with
     return Calibration(sites, str(spec), method, params, {n: s.max.cpu() for n, s in stats.items()},
-                       source_of(model), data_config_of(model), provenance, weights, encoding_levels, populated)
+                       source_of(model), data_config, provenance, weights, encoding_levels, populated)
 
 
 def choose_population(model: nn.Module, sites: list[Site], stats: dict, batches: ImageBatches, steps: list[int],
@@ -234,6 +240,32 @@ def changed_weights(original: nn.Module, calibrated: nn.Module, modules: dict[st
     return changed
 
 
+def check_calibration_fits(model: nn.Module, calibration: Calibration) -> None:
+    """Refuse a calibration made for another architecture (its sites, their activations and channels differ
+    from the model's, either way) or for other weights (its recorded fingerprint differs)."""
+    size = calibration.data_config.get("input_size")
+    if size:
+        mine = [(s.name, s.activation, s.channels) for s in find_sites(copy.deepcopy(model).eval(),
+                                                                       blank_input(model, size))]
+    else:  # no input size to probe with: the activation modules by name and kind
+        mine = [(name, kind, None) for name, m in model.named_modules()
+                for kind, _ in [ACTIVATIONS.get(type(m), (None, None))] if kind]
+    theirs = [(s.name, s.activation, s.channels if size else None) for s in calibration.sites]
+    if mine != theirs:
+        differ = next((f"{a[0]} ({a[1]}, {a[2]} channels) vs {b[0]} ({b[1]}, {b[2]} channels)"
+                       for a, b in zip(mine, theirs) if a != b),
+                      f"the model has {len(mine)} activation sites, the calibration {len(theirs)}")
+        raise ConfigError(f"the calibration was made for another model: its activation sites differ ({differ})",
+                          "calibrate this model: pconv calibrate MODEL --data DIR -o CALIB")
+    recorded = calibration.provenance.get("weights_sha256")
+    if recorded:
+        fingerprint = weights_fingerprint(model)
+        if recorded != fingerprint:
+            raise ConfigError(f"the calibration was made for other weights of this architecture (weights sha256 "
+                              f"{recorded[:12]}…, these are {fingerprint[:12]}…)",
+                              "pass the --checkpoint it was calibrated with, or calibrate these weights")
+
+
 def build_snn(model: nn.Module, calibration: Calibration, time_steps: int, neuron: str = "parallel") -> SpikingNetwork:
     """Swap every site of a copy of `model` for a neuron with the calibrated parameters at T."""
     time_steps = check_time_steps(time_steps)
@@ -241,35 +273,40 @@ def build_snn(model: nn.Module, calibration: Calibration, time_steps: int, neuro
     if time_steps not in calibration.params:
         raise ConfigError(f"the calibration holds no parameters for T={time_steps}",
                           f"it has T = {', '.join(map(str, calibration.time_steps))}; recalibrate with this T")
+    check_calibration_fits(model, calibration)
     net = copy.deepcopy(model).eval()
-    device = next(net.parameters()).device
     refitted = calibration.weights.get(time_steps, {})
     own = net.state_dict()
     ann_weights = {key: own[key].detach().clone() if key in own else None for key in refitted}
     replace_weights(net, refitted)
-    params = calibration.params[time_steps]
-    by_name = {s.name: s for s in calibration.sites}
     populations = calibration.populations(time_steps)
-
-    def make(module: nn.Module, name: str) -> nn.Module:
-        p = params[name]
-        return make_neuron(neuron, p.theta.to(device), p.delta_in.to(device), p.delta_out.to(device),
-                           time_steps, by_name[name], populations[name])
-
-    swapped = swap_by_name(net, {s.name: make for s in calibration.sites})
-    if len(swapped) != len(calibration.sites):
-        missing = sorted(set(by_name) - set(swapped))
-        raise ConfigError(f"the calibration names sites the model does not have (e.g. {missing[0]})",
-                          "use the calibration made for this model")
+    params = {name: PF.neuron_params(p.theta, p.delta_in, p.delta_out, time_steps, populations[name])
+              for name, p in calibration.params[time_steps].items()}
     info = ConversionInfo(
         time_steps=time_steps, neuron=neuron, sites=list(calibration.sites), threshold=calibration.threshold,
         calibration=calibration.method, source=calibration.source, data_config=dict(calibration.data_config),
         provenance=dict(calibration.provenance), encoding_levels=calibration.encoding_levels,
-        populated=list(calibration.populated.get(time_steps, [])),
+        populated=list(calibration.populated.get(time_steps, [])), num_classes=_num_outputs(net, calibration),
     )
-    snn = SpikingNetwork(net, info)
+    snn = spiking_network(net, info, params)
     snn.ann_weights = ann_weights
     return snn.eval()
+
+
+def _num_outputs(model: nn.Module, calibration: Calibration) -> int | None:
+    """The classifier's outputs, from one forward of a blank input (None without an input size)."""
+    size = calibration.data_config.get("input_size")
+    if not size:
+        return None
+    with torch.inference_mode():
+        out = model(blank_input(model, size))
+    return int(out.shape[1]) if out.dim() == 2 else None
+
+
+def blank_input(model: nn.Module, size: Sequence[int]) -> Tensor:
+    """One all-zero image of `size` [C, H, W] on the model's device, in its dtype."""
+    param = next(model.parameters())
+    return torch.zeros(1, *size, device=param.device, dtype=param.dtype)
 
 
 def convert(

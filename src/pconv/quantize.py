@@ -22,9 +22,9 @@ class QCFS(nn.Module):
     `resolution` is m*T, the levels calibration works with.
     """
 
-    def __init__(self, theta: Tensor, levels: int, site: Site, population: int = 1):
+    def __init__(self, theta: Tensor, levels: int, cap: float | None = None, population: int = 1):
         super().__init__()
-        self.site = site
+        self.cap = cap  # ReLU6: 6.0; the ANN activation this site replaces is clamp(x, 0, cap)
         self.levels = int(levels)
         self.population = int(population)
         self.register_buffer("theta", theta.detach().clone().float())
@@ -70,7 +70,7 @@ def quantize(model: nn.Module, sites: Sequence[Site], thetas: Mapping[str, Tenso
         theta = thetas[name].to(next(model.parameters()).device)
         if site.cap is not None:
             theta = theta.clamp(max=site.cap)
-        modules[name] = QCFS(theta, levels, site, populations.get(name, 1))
+        modules[name] = QCFS(theta, levels, site.cap, populations.get(name, 1))
         return modules[name]
 
     swap_by_name(model, {s.name: make for s in sites})

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +20,7 @@ _ACTIVATION_TYPES = {kind: cls for cls, (kind, _) in ACTIVATIONS.items()}
 
 @dataclass
 class ConversionInfo:
-    """What the SNN is and how it was made; serialised into the exported file."""
+    """What the SNN is and how it was made; serialised into the exported file (format.FileMetadata)."""
 
     time_steps: int
     neuron: str
@@ -35,6 +34,43 @@ class ConversionInfo:
     encoding_levels: int = 0
     #: hidden sites population-coded as the encoding sites are (chosen by sensitivity at calibration)
     populated: list[str] = field(default_factory=list)
+    #: outputs of the classifier (None: not recorded, files before it was)
+    num_classes: int | None = None
+
+    def populations(self) -> dict[str, int]:
+        """Neurons per channel of every site."""
+        chosen = set(self.populated)
+        return {s.name: s.population(self.time_steps, self.encoding_levels, s.name in chosen) for s in self.sites}
+
+
+#: (theta_in, bias, theta_out) of one site's neurons, per channel.
+NeuronParams = tuple[Tensor, Tensor, Tensor]
+
+
+def spiking_network(net: nn.Module, info: ConversionInfo, params: Mapping[str, NeuronParams]) -> "SpikingNetwork":
+    """Swap every site of `net` (in place) for `info.neuron` neurons with `params`; the SNN around it.
+
+    Refuses a network that lacks one of `info.sites` (or has another activation there)."""
+    cls = NEURONS.get(info.neuron)
+    populations = info.populations()
+    device = next(net.parameters()).device
+
+    kinds = {s.name: s.activation for s in info.sites}
+
+    def make(module: nn.Module, name: str) -> SpikingNeuron:
+        if ACTIVATIONS.get(type(module), ("",))[0] != kinds[name]:
+            raise ConfigError(f"site {name} is a {kinds[name]} in the SNN description but {type(module).__name__} "
+                              "in the model", "use the calibration or file made for this model")
+        theta_in, bias, theta_out = (t.to(device) for t in params[name])
+        return cls(theta_in, bias, theta_out, info.time_steps, populations[name])
+
+    wanted = {s.name for s in info.sites}
+    swapped = swap_by_name(net, {name: make for name in wanted})
+    if len(swapped) != len(wanted):
+        missing = sorted(wanted - set(swapped))
+        raise ConfigError(f"the SNN description names activation sites the model does not have (e.g. {missing[0]})",
+                          "use the calibration or file made for this model")
+    return SpikingNetwork(net, info)
 
 
 class SpikingNetwork(nn.Module):
@@ -126,7 +162,7 @@ class SpikingNetwork(nn.Module):
         net = copy.deepcopy(self.net)
 
         def rebuild(old: SpikingNeuron, name: str) -> SpikingNeuron:
-            return cls(old.theta_in, old.bias, old.theta_out, old.time_steps, old.site, old.population)
+            return cls(old.theta_in, old.bias, old.theta_out, old.time_steps, old.population)
 
         swap_by_name(net, {s.name: rebuild for s in self.info.sites})
         info = copy.copy(self.info)
@@ -137,19 +173,3 @@ class SpikingNetwork(nn.Module):
 
     def extra_repr(self) -> str:
         return f"T={self.time_steps}, neuron={self.info.neuron}, engine={self._engine}, sites={len(self.info.sites)}"
-
-
-def info_to_json(info: ConversionInfo) -> dict[str, str]:
-    """str -> str metadata (safetensors headers hold strings only)."""
-    return {
-        "time_steps": str(info.time_steps),
-        "neuron": info.neuron,
-        "threshold": info.threshold,
-        "calibration": info.calibration,
-        "sites": json.dumps([s.to_dict() for s in info.sites]),
-        "data_config": json.dumps(info.data_config, sort_keys=True),
-        "provenance": json.dumps(info.provenance, sort_keys=True),
-        "model": info.source.to_json() if info.source else "",
-        "encoding_levels": str(info.encoding_levels),
-        "populated": json.dumps(info.populated),
-    }

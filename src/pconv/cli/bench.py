@@ -11,8 +11,24 @@ from rich.table import Table
 from ..benchmark import BENCH_ENGINES, PRECISIONS, BenchResult, benchmark
 from ..errors import ConfigError
 from ..export import load
-from .options import debug_option, device_option, json_option, resolve_device
+from .options import debug_option, device_option, json_option, resolve_device, trust_factory_option
 from .output import Output
+
+
+class EngineList(click.ParamType):
+    """`ann,counts`: a subset of the bench engines, in the order given."""
+
+    name = "ENGINE[,ENGINE...]"
+
+    def convert(self, value, param, ctx) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        chosen = tuple(e.strip() for e in str(value).split(",") if e.strip())
+        unknown = [e for e in chosen if e not in BENCH_ENGINES]
+        if unknown or not chosen:
+            self.fail(f"{unknown[0] if unknown else value!r} is not an engine — use some of: "
+                      f"{', '.join(BENCH_ENGINES)}", param, ctx)
+        return chosen
 
 
 def _ratio(value: float | None) -> str:
@@ -42,7 +58,7 @@ def render(console, result: BenchResult, title: str) -> None:
 @click.argument("snn_file", metavar="SNN_FILE", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=64, show_default=True,
               help="Batch size of the throughput run (latency is always measured at batch 1).")
-@click.option("--engines", default=",".join(BENCH_ENGINES), show_default=True,
+@click.option("--engines", type=EngineList(), default=",".join(BENCH_ENGINES), show_default=True,
               help="Comma-separated subset of: " + ", ".join(BENCH_ENGINES) + ".")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="fp32, or bf16/fp16 autocast (top-1 agreement with fp32 is reported).")
@@ -56,19 +72,20 @@ def render(console, result: BenchResult, title: str) -> None:
               help="Engines take turns this many times; each reports its median round.")
 @click.option("--spike-batch-limit", type=click.IntRange(min=1), default=None,
               help="Most samples (T x images) per spike-domain pass; larger batches run in chunks.")
+@trust_factory_option
 @device_option
 @json_option
 @debug_option
-def bench(snn_file: Path, batch_size: int, engines: str, precision: str, channels_last: bool, use_compile: bool,
-          cuda_graph: bool, warmup: int, iters: int, rounds: int, spike_batch_limit: int | None, device: str,
-          as_json: bool) -> None:
+def bench(snn_file: Path, batch_size: int, engines: tuple[str, ...], precision: str, channels_last: bool,
+          use_compile: bool, cuda_graph: bool, warmup: int, iters: int, rounds: int, spike_batch_limit: int | None,
+          trust_factory: bool, device: str, as_json: bool) -> None:
     """Time SNN_FILE against its source ANN: images/s, ms per image at batch 1, peak memory."""
     out = Output(as_json)
     dev = resolve_device(device)
-    snn = load(snn_file, device=dev)
-    chosen = tuple(e.strip() for e in engines.split(",") if e.strip())
-    if not chosen:
-        raise ConfigError("no engine chosen", "for example --engines ann,counts")
+    if cuda_graph and dev.type != "cuda":
+        raise click.UsageError("CUDA graphs need a CUDA device — pass --device cuda, or drop --cuda-graph")
+    snn = load(snn_file, device=dev, trust_factory=trust_factory)
+    chosen = engines
     input_size = tuple(snn.info.data_config.get("input_size") or ())
     if not input_size:
         raise ConfigError(f"{snn_file} has no input size in its data config", "re-export it with pconv convert")

@@ -16,24 +16,24 @@ from torch import nn
 from .. import distributed
 from ..export import save_calibration
 from ..fileio import check_output
-from ..models import create_model, weights_fingerprint
+from ..models import create_model
 from ..pipeline import Calibration, calibrate as run_calibrate, data_config_of
 from ..sites import Site, find_sites
 from .output import Output, RichProgress, human_bytes, key_value_table
 from .options import (DEFAULT_CALIBRATION_IMAGES, FirstPassProgress, TimeStepsList, apply_overrides,
                       calibration_method_option, debug_option, device_option, json_option, loader_options,
-                      make_loader, model_label, model_options, preprocessing_options, resolve_device,
-                      threshold_option)
+                      make_loader, model_label, model_options, num_images_option, preprocessing_options,
+                      resolve_device, threshold_option)
 
 
-def load_model(spec: str, checkpoint: Path | None, num_classes: int | None, device: torch.device,
+def load_model(spec: str, checkpoint: Path | None, num_classes: int | None, random_weights: bool, device: torch.device,
                mean, std, input_size) -> tuple[nn.Module, dict[str, Any], list[Site]]:
     """The source ANN on `device`, its data config (with overrides) and its activation sites.
 
     The sites come from a probe on one blank input of the configured size, so an unsupported network is
     refused before any image is read.
     """
-    model = create_model(spec, checkpoint=checkpoint, num_classes=num_classes)
+    model = create_model(spec, checkpoint=checkpoint, num_classes=num_classes, random_weights=random_weights)
     data_config = apply_overrides(data_config_of(model), mean, std, input_size)
     model.to(device)
     sites = find_sites(model, torch.zeros(1, *data_config["input_size"], device=device))
@@ -68,17 +68,13 @@ def calibrate_on_folder(model: nn.Module, data_config: dict[str, Any], data: Pat
                         encoding_levels: int, population_budget: float) -> Calibration:
     """Calibrate `model` on images of the folder `data`; provenance says where everything came from."""
     torch.manual_seed(seed)
-    loader = make_loader(data, data_config, batch_size, num_images, seed, workers, cap=DEFAULT_CALIBRATION_IMAGES)
+    loader = make_loader(data, data_config, batch_size, num_images, seed, workers, cap=DEFAULT_CALIBRATION_IMAGES,
+                         labelled=False)
     calibration = run_calibrate(model, FirstPassProgress(loader, progress), time_steps=time_steps,
                                 threshold=threshold, method=method, progress=progress,
                                 encoding_levels=encoding_levels, population_budget=population_budget)
     calibration.data_config = dict(data_config)
-    calibration.provenance.update({
-        "data": str(data),
-        "seed": seed,
-        "weights_sha256": weights_fingerprint(model),
-        **extra,
-    })
+    calibration.provenance.update({"data": str(data), "seed": seed, **extra})
     return calibration
 
 
@@ -91,8 +87,7 @@ def calibrate_on_folder(model: nn.Module, data_config: dict[str, Any], data: Pat
 @click.option("--time-steps", "-T", "time_steps", type=TimeStepsList(), default="8", show_default=True,
               help="One or more T, e.g. 4,8,16.")
 @model_options
-@click.option("--num-images", "-n", type=int, default=None,
-              help=f"Calibration images, drawn with --seed [default: all, at most {DEFAULT_CALIBRATION_IMAGES}].")
+@num_images_option(f"Calibration images, drawn with --seed [default: all, at most {DEFAULT_CALIBRATION_IMAGES}].")
 @loader_options(default_batch=64)
 @threshold_option
 @calibration_method_option
@@ -102,7 +97,7 @@ def calibrate_on_folder(model: nn.Module, data_config: dict[str, Any], data: Pat
 @json_option
 @debug_option
 def calibrate(model: str, data: Path, output: Path, time_steps: list[int], checkpoint: Path | None,
-              num_classes: int | None, num_images: int | None, batch_size: int, seed: int, workers: int,
+              num_classes: int | None, random_weights: bool, num_images: int | None, batch_size: int, seed: int, workers: int,
               threshold: str, method: str, encoding_levels: int, population_budget: float, mean, std, input_size,
               device: str, force: bool,
               as_json: bool) -> None:
@@ -115,7 +110,7 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
     check_output(output, force)  # fail before the expensive part
     started = time.perf_counter()
     dev = resolve_device(device)
-    net, data_config, sites = load_model(model, checkpoint, num_classes, dev, mean, std, input_size)
+    net, data_config, sites = load_model(model, checkpoint, num_classes, random_weights, dev, mean, std, input_size)
     with out.progress() as progress:
         calibration = calibrate_on_folder(net, data_config, data, time_steps, threshold, method, num_images,
                                           batch_size, seed, workers, progress,

@@ -7,39 +7,20 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError
 from .. import distributed
 from ..export import load_calibration, save
 from ..fileio import check_output
-from ..models import weights_fingerprint
-from ..pipeline import Calibration, build_snn
-from ..sites import Site
+from ..pipeline import build_snn
 from .calibrate import calibrate_on_folder, encoding_summary, load_model, population_summary
 from .output import Output, human_bytes, key_value_table
 from .options import (DEFAULT_CALIBRATION_IMAGES, TimeSteps, calibration_method_option, check_not_given,
                       debug_option, device_option, json_option, loader_options, model_label, model_options,
-                      neuron_option, preprocessing_options, resolve_device, threshold_option)
+                      neuron_option, num_images_option, preprocessing_options, resolve_device, threshold_option)
 
 DEFAULT_T = 8
 CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", "threshold", "method", "encoding_levels",
                        "population_budget",
                        "mean", "std", "input_size"]
-
-
-def check_calibration_fits(calibration: Calibration, sites: list[Site], fingerprint: str, path: Path) -> None:
-    """Refuse a calibration made for another architecture or other weights."""
-    mine = [(s.name, s.activation, s.channels) for s in sites]
-    theirs = [(s.name, s.activation, s.channels) for s in calibration.sites]
-    if mine != theirs:
-        differ = next((f"{a[0]} ({a[2]} channels) vs {b[0]} ({b[2]} channels)" for a, b in zip(mine, theirs)
-                       if a != b), f"{len(mine)} vs {len(theirs)} sites")
-        raise ConfigError(f"calibration {str(path)!r} was made for another model: its activation sites differ "
-                          f"({differ})", "calibrate this model: pconv calibrate MODEL --data DIR -o CALIB")
-    recorded = calibration.provenance.get("weights_sha256")
-    if recorded and recorded != fingerprint:
-        raise ConfigError(f"calibration {str(path)!r} was made for other weights of this architecture "
-                          f"(weights sha256 {recorded[:12]}…, these are {fingerprint[:12]}…)",
-                          "pass the --checkpoint it was calibrated with, or calibrate these weights")
 
 
 @click.command("convert")
@@ -54,8 +35,7 @@ def check_calibration_fits(calibration: Calibration, sites: list[Site], fingerpr
               help=f"Time steps [default: {DEFAULT_T}, or the only T of --calib].")
 @neuron_option("parallel", "Spiking neuron of the exported SNN.")
 @model_options
-@click.option("--num-images", "-n", type=int, default=None,
-              help=f"Calibration images (--data), drawn with --seed [default: all, at most "
+@num_images_option(f"Calibration images (--data), drawn with --seed [default: all, at most "
                    f"{DEFAULT_CALIBRATION_IMAGES}].")
 @loader_options(default_batch=64)
 @threshold_option
@@ -68,7 +48,7 @@ def check_calibration_fits(calibration: Calibration, sites: list[Site], fingerpr
 @click.pass_context
 def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | None, output: Path,
             time_steps: int | None, neuron: str, checkpoint: Path | None, num_classes: int | None,
-            num_images: int | None, batch_size: int, seed: int, workers: int, threshold: str, method: str,
+            random_weights: bool, num_images: int | None, batch_size: int, seed: int, workers: int, threshold: str, method: str,
             encoding_levels: int, population_budget: float, mean, std, input_size, device: str, force: bool,
             as_json: bool) -> None:
     """Convert MODEL into a spiking network with T time steps and write it to one safetensors file.
@@ -85,11 +65,10 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
     check_output(output, force)
     started = time.perf_counter()
     dev = resolve_device(device)
-    net, data_config, sites = load_model(model, checkpoint, num_classes, dev, mean, std, input_size)
+    net, data_config, sites = load_model(model, checkpoint, num_classes, random_weights, dev, mean, std, input_size)
     with out.progress() as progress:
         if calib is not None:
             calibration = load_calibration(calib)
-            check_calibration_fits(calibration, sites, weights_fingerprint(net), calib)
             if not calibration.provenance.get("weights_sha256"):
                 out.warn(f"{calib} records no weights fingerprint, so pconv cannot check that it was made for "
                          "these weights")

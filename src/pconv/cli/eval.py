@@ -5,14 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import torch
 from rich.table import Table
 
 from ..evaluate import DEFAULT_SOP_IMAGES, EvalResult, evaluate
 from ..export import load
-from ..format import read_header
+from ..snn import SpikingNetwork
 from .output import Output, pct, si
-from .options import (apply_overrides, debug_option, device_option, engine_option, json_option, loader_options,
-                      make_loader, neuron_option, preprocessing_options, resolve_device)
+from .options import (apply_overrides, class_map_option, debug_option, device_option, engine_option, json_option,
+                      loader_options, make_loader, neuron_option, num_images_option, preprocessing_options,
+                      resolve_device, trust_factory_option)
+
+
+def num_classes_of(snn: SpikingNetwork, data_config: dict) -> int:
+    """The SNN's outputs: recorded in the file, else from one forward of a blank image."""
+    if snn.info.num_classes:
+        return snn.info.num_classes
+    with torch.inference_mode():
+        out = snn(torch.zeros(1, *data_config["input_size"], device=next(snn.parameters()).device))
+    return int(out.shape[1])
 
 
 def render_result(console, result: EvalResult, title: str, layers: bool) -> None:
@@ -71,8 +82,8 @@ def render_result(console, result: EvalResult, title: str, layers: bool) -> None
 @click.argument("snn_file", metavar="SNN_FILE", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", "-d", "data", required=True, type=click.Path(path_type=Path),
               help="Labelled image folder (class subfolders; class_map.txt honoured).")
-@click.option("--num-images", "-n", type=int, default=None,
-              help="Evaluate on this many images, drawn with --seed [default: all].")
+@num_images_option("Evaluate on this many images, drawn with --seed [default: all].")
+@class_map_option
 @loader_options(default_batch=64)
 @neuron_option(None, "Run with another neuron at the same T, e.g. serial (the classic IF baseline).")
 @engine_option
@@ -80,26 +91,25 @@ def render_result(console, result: EvalResult, title: str, layers: bool) -> None
               help="Images on which synaptic operations are counted (spike engine); 0 skips.")
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Show the per-layer tables.")
 @preprocessing_options
+@trust_factory_option
 @device_option
 @json_option
 @debug_option
-def eval_command(snn_file: Path, data: Path, num_images: int | None, batch_size: int, seed: int, workers: int,
-                 neuron: str | None, engine: str | None, sop_images: int, layers: bool, mean, std, input_size,
-                 device: str, as_json: bool) -> None:
+def eval_command(snn_file: Path, data: Path, num_images: int | None, class_map: Path | None, batch_size: int,
+                 seed: int, workers: int, neuron: str | None, engine: str | None, sop_images: int, layers: bool,
+                 mean, std, input_size, trust_factory: bool, device: str, as_json: bool) -> None:
     """Evaluate SNN_FILE on the images in --data: SNN and ANN top-1/top-5, their agreement, speed,
     firing rates and synaptic operations."""
     out = Output(as_json)
-    header = read_header(snn_file)  # refuses a corrupt or foreign file before anything else
-    if header.kind != "snn":
-        load(snn_file)  # raises the explanatory FormatError
     dev = resolve_device(device)
-    snn = load(snn_file, device=dev)
+    snn = load(snn_file, device=dev, trust_factory=trust_factory)
     if neuron and neuron != snn.info.neuron:
         snn = snn.with_neuron(neuron)
     if engine:
         snn.set_engine(engine)  # refuses an engine the neuron cannot run, naming those it can
     data_config = apply_overrides(snn.info.data_config, mean, std, input_size)
-    loader = make_loader(data, data_config, batch_size, num_images, seed, workers)
+    loader = make_loader(data, data_config, batch_size, num_images, seed, workers,
+                         num_classes=num_classes_of(snn, data_config), class_map=class_map)
     with out.progress() as progress:
         result = evaluate(snn, loader, device=dev, engine=engine, sop_images=sop_images, progress=progress)
     source = snn.info.source

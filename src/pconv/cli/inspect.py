@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +9,7 @@ import click
 from rich.table import Table
 
 from ..errors import FormatError
-from ..export import encoding_levels_of, populated_of
-from ..sites import Site
-from ..format import Header, read_header
+from ..format import CALIBRATION_TENSORS, NEURON_TENSORS, check_tensor_shapes, read_metadata
 from .output import Output, human_bytes, key_value_table
 from .options import debug_option, json_option
 
@@ -33,60 +30,52 @@ def _theta_stats(path: Path, names: list[str]) -> dict[str, dict[str, float]]:
     return stats
 
 
-def describe(path: Path, header: Header, thresholds: bool = True) -> dict[str, Any]:
-    meta = header.metadata
-    kind = header.kind
-    try:
-        sites = header.json("sites")
-        model = json.loads(meta["model"]) if meta.get("model") else None
-    except (KeyError, json.JSONDecodeError):
-        raise FormatError(f"{str(path)!r} has malformed metadata", "the file is corrupt") from None
+def describe(path: Path, thresholds: bool = True) -> dict[str, Any]:
+    meta, header = read_metadata(path)
+    model = None
+    if meta.model is not None:
+        model = {"kind": meta.model.kind, "name": meta.model.name, "kwargs": meta.model.kwargs,
+                 "needs_trust": meta.model.needs_trust}
     doc: dict[str, Any] = {
         "file": str(path),
-        "kind": kind,
-        "format_version": int(meta["pconv.format_version"]),
-        "pconv_version": meta.get("pconv.version"),
-        "created": meta.get("created"),
+        "kind": meta.kind,
+        "format_version": meta.format_version,
+        "pconv_version": meta.pconv_version,
+        "created": meta.created,
         "model": model,
-        "time_steps": header.json("time_steps") if kind == "calibration" else int(meta.get("time_steps", 0)),
-        "neuron": meta.get("neuron") if kind == "snn" else None,
-        "threshold": meta.get("threshold"),
-        "calibration": meta.get("calibration"),
-        "encoding_levels": encoding_levels_of(header),
-        "data_config": header.json("data_config"),
-        "provenance": header.json("provenance"),
+        "time_steps": meta.time_steps[0] if meta.kind == "snn" else list(meta.time_steps),
+        "neuron": meta.neuron,
+        "threshold": meta.threshold,
+        "calibration": meta.calibration,
+        "encoding_levels": meta.encoding_levels,
+        "num_classes": meta.num_classes,
+        "data_config": meta.data_config,
+        "provenance": meta.provenance,
         "num_tensors": len(header.tensors),
         "bytes": header.file_size,
         "weight_bytes": sum(t["data_offsets"][1] - t["data_offsets"][0] for n, t in header.tensors.items()
                             if n.startswith("weights.")),
+        "populated": {str(t): list(names) for t, names in meta.populated.items()},
     }
-    if kind == "snn":
-        names = {s["name"]: f"neurons.{s['name']}.theta_in" for s in sites}
+    steps = meta.time_steps
+    if meta.kind == "snn":
+        names = {s.name: f"neurons.{s.name}.theta_in" for s in meta.sites}
+        check_tensor_shapes(header, meta.sites, "neurons.", NEURON_TENSORS)
     else:
-        names = {f"{s['name']}@{t}": f"T{t}.{s['name']}.theta" for s in sites for t in doc["time_steps"]}
-    missing = [n for n in names.values() if n not in header.tensors]
-    if missing:
-        raise FormatError(f"tensor {missing[0]!r} named by the metadata is missing",
-                          "the file's tensors do not match its metadata")
+        names = {f"{s.name}@{t}": f"T{t}.{s.name}.theta" for s in meta.sites for t in steps}
+        for t in steps:
+            check_tensor_shapes(header, meta.sites, f"T{t}.", CALIBRATION_TENSORS)
     stats = _theta_stats(path, list(names.values())) if thresholds else {}
-    try:
-        site_objects = [Site.from_dict(s) for s in sites]
-    except TypeError:
-        raise FormatError(f"{str(path)!r} has a malformed site list", "the file is corrupt") from None
-    steps = [doc["time_steps"]] if kind == "snn" else doc["time_steps"]
-    populated = populated_of(header, site_objects, steps)
-    doc["populated"] = {str(t): names for t, names in populated.items()}
     out_sites = []
-    for s, site in zip(sites, site_objects):
-        entry = dict(s)
-        entry["population"] = {str(t): site.population(t, doc["encoding_levels"], site.name in populated.get(t, ()))
-                               for t in steps}
-        if kind == "snn":
-            entry["population"] = entry["population"][str(doc["time_steps"])]
-        if thresholds and kind == "snn":
-            entry["theta"] = stats[names[s["name"]]]
+    for site in meta.sites:
+        entry = site.to_dict()
+        population = {str(t): site.population(t, meta.encoding_levels, site.name in meta.populated.get(t, ()))
+                      for t in steps}
+        entry["population"] = population[str(steps[0])] if meta.kind == "snn" else population
+        if thresholds and meta.kind == "snn":
+            entry["theta"] = stats[names[site.name]]
         elif thresholds:
-            entry["theta"] = {str(t): stats[names[f"{s['name']}@{t}"]] for t in doc["time_steps"]}
+            entry["theta"] = {str(t): stats[names[f"{site.name}@{t}"]] for t in steps}
         out_sites.append(entry)
     doc["sites"] = out_sites
     return doc
@@ -95,9 +84,12 @@ def describe(path: Path, header: Header, thresholds: bool = True) -> dict[str, A
 def render(console, doc: dict[str, Any]) -> None:
     model = doc["model"] or {}
     label = model.get("name", "?") + (f" {model['kwargs']}" if model.get("kwargs") else "")
+    kind = model.get("kind", "?")
+    if model.get("needs_trust"):
+        kind = "your factory: eval/bench/load run it only with --trust-factory"
     rows = [
         ("kind", "spiking network" if doc["kind"] == "snn" else "calibration"),
-        ("model", f"{label} ({model.get('kind', '?')})"),
+        ("model", f"{label} ({kind})"),
         ("T", doc["time_steps"] if doc["kind"] == "snn" else ", ".join(map(str, doc["time_steps"]))),
     ]
     if doc["neuron"]:
@@ -154,5 +146,5 @@ def inspect(file: Path, thresholds: bool, as_json: bool) -> None:
     Reads the header (and, unless --no-thresholds, the per-site threshold vectors); weights are never loaded.
     """
     out = Output(as_json)
-    doc = describe(file, read_header(file), thresholds)
+    doc = describe(file, thresholds)
     out.result(doc, lambda console: render(console, doc))

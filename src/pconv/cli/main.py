@@ -1,23 +1,27 @@
 """`pconv`: the command group and its error map.
 
 A user's mistake (any PconvError) becomes one line `Error: <what> — <hint>` on stderr and exit 1; usage
-errors exit 2 as click does; Ctrl-C exits 130 without leaving a partial file (writes are atomic).
+errors exit 2 as click does; Ctrl-C exits 130 and SIGTERM 143, neither leaving a partial file (writes are
+atomic, and SIGTERM is turned into an exception so that every cleanup runs).
 `--debug` (on the group or on any command) shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
 
 from .. import distributed
 from ..errors import PconvError
+from ..fileio import Terminated, raise_terminated
 from ..version import __version__
 from .options import DEBUG_KEY, debug_option
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -51,6 +55,11 @@ class PconvGroup(click.Group):
                 raise
             click.echo("\nInterrupted — no partial output file was left behind.", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+        except Terminated:
+            if ctx.meta.get(DEBUG_KEY):
+                raise
+            click.echo("\nTerminated (SIGTERM) — no partial output file was left behind.", err=True)
+            ctx.exit(EXIT_TERMINATED)
         except PconvError as e:
             if ctx.meta.get(DEBUG_KEY):
                 raise
@@ -116,9 +125,14 @@ _register()
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (`pconv`) and `python -m pconv` (also under torchrun)."""
     started = distributed.init_from_environment()
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="pconv")
+    except Terminated:  # outside a command (while parsing its options): the same clean exit
+        click.echo("\nTerminated (SIGTERM) — no partial output file was left behind.", err=True)
+        sys.exit(EXIT_TERMINATED)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if started:
             distributed.shutdown()
 

@@ -115,11 +115,30 @@ class InputSize(click.ParamType):
 
 
 def model_options(f: Callable) -> Callable:
+    f = click.option("--random-weights", is_flag=True,
+                     help="Convert the architecture with its random initial weights (tests, speed benchmarks); "
+                          "without it a model needs --checkpoint.")(f)
     f = click.option("--num-classes", type=click.IntRange(min=1), default=None,
                      help="Classifier size, if it differs from the model's default (timm models).")(f)
     f = click.option("--checkpoint", "-c", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="Weights file (.safetensors, or .pth/.pt loaded weights-only).")(f)
     return f
+
+
+def trust_factory_option(f: Callable) -> Callable:
+    return click.option("--trust-factory", is_flag=True,
+                        help="Run the model factory the file names (your own code, package.module:function) to "
+                             "rebuild its architecture. Without it only timm models and pconv's own are built.")(f)
+
+
+def num_images_option(help: str) -> Callable[[Callable], Callable]:
+    return click.option("--num-images", "-n", type=click.IntRange(min=1), default=None, help=help)
+
+
+def class_map_option(f: Callable) -> Callable:
+    return click.option("--class-map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="Text file naming the class folders, one per line, line k = class k "
+                             "[default: DIR/class_map.txt if present].")(f)
 
 
 def preprocessing_options(f: Callable) -> Callable:
@@ -133,7 +152,7 @@ def loader_options(default_batch: int = 64) -> Callable[[Callable], Callable]:
     def wrap(f: Callable) -> Callable:
         f = click.option("--workers", "-j", type=click.IntRange(min=0), default=0, show_default=True,
                          help="Data-loading worker processes.")(f)
-        f = click.option("--seed", type=int, default=0, show_default=True,
+        f = click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
                          help="Seed of the random --num-images subset.")(f)
         f = click.option("--batch-size", "-b", type=click.IntRange(min=1), default=default_batch, show_default=True,
                          help="Images per batch.")(f)
@@ -198,7 +217,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def apply_overrides(data_config: dict[str, Any], mean, std, input_size) -> dict[str, Any]:
-    """The data config with --mean/--std/--input-size applied (single values broadcast over channels)."""
+    """The data config with --mean/--std/--input-size applied (single values broadcast over channels); a
+    value that does not fit is a usage error naming the option."""
     cfg = dict(data_config)
     if input_size is not None:
         channels = (cfg.get("input_size") or (3,))[0]
@@ -211,19 +231,21 @@ def apply_overrides(data_config: dict[str, Any], mean, std, input_size) -> dict[
         if len(value) == 1:
             value = value * channels
         if len(value) != channels:
-            raise ConfigError(f"--{key} has {len(value)} values for {channels} input channels",
-                              f"give one value or {channels}")
+            raise click.BadParameter(f"{len(value)} values for {channels} input channels — give one value or "
+                                     f"{channels}", param_hint=f"'--{key}'")
+        if key == "std" and min(value) <= 0:
+            raise click.BadParameter("std values must be positive — for example --std 0.229,0.224,0.225",
+                                     param_hint="'--std'")
         cfg[key] = tuple(value)
-    if std is not None and min(cfg["std"]) <= 0:
-        raise ConfigError("--std values must be positive", "for example --std 0.229,0.224,0.225")
-    cfg = resolve_config(cfg)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    return resolve_config(cfg)
 
 
 def make_loader(root: Path, data_config: dict[str, Any], batch_size: int, num_images: int | None, seed: int,
-                workers: int, cap: int | None = None) -> DataLoader:
-    """A loader over `num_images` images of `root` drawn with `seed` (all, up to `cap`, when None)."""
-    dataset = image_dataset(root, data_config)
+                workers: int, cap: int | None = None, num_classes: int | None = None,
+                class_map: Path | None = None, labelled: bool = True) -> DataLoader:
+    """A loader over `num_images` images of `root` drawn with `seed` (all, up to `cap`, when None); labels
+    matched to `num_classes` outputs unless `labelled` is False (see pconv.data)."""
+    dataset = image_dataset(root, data_config, num_classes, class_map, labelled)
     if num_images is None and cap is not None and len(dataset) > cap:
         num_images = cap
     dataset = subset(dataset, num_images, seed)
