@@ -1,45 +1,59 @@
-"""Sharded calibration under torch.distributed (2 CPU processes, gloo) equals the single-process result."""
+"""Sharded calibration under torch.distributed (2 CPU processes, gloo) equals the single-process result, for
+every registered calibration method, the population choice, and both schedules of the paired pass."""
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import dist_worker
-import nets
 import pconv
+from pconv.calibrate import CALIBRATIONS
+
+pytestmark = pytest.mark.slow
+
+CASES = [("max", method, 0.5, "2GiB") for method in CALIBRATIONS.names()] + [
+    ("percentile:99.9", "none", 0.0, "2GiB"),
+    ("mse", "da", 0.0, "2GiB"),
+    ("max", "fit", 1.0, "1MiB"),  # the paired pass in rounds of a few images, a population on every site
+    ("max", "refit", 0.0, "1MiB"),
+]
 
 
-def run_two_ranks(tmp_path, threshold, method):
-    mp.start_processes(dist_worker.calibrate_shard, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), threshold,
-                                                          method), nprocs=2, join=True, start_method="spawn")
+def run_two_ranks(tmp_path, *case):
+    mp.start_processes(dist_worker.calibrate_shard, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), *case),
+                       nprocs=2, join=True, start_method="spawn")
     return [pconv.load_calibration(tmp_path / f"rank{r}.safetensors") for r in range(2)]
 
 
-@pytest.mark.parametrize("threshold,method", [("max", "none"), ("percentile:99.9", "none"), ("mse", "da")])
-def test_two_ranks_equal_one_process(tmp_path, threshold, method):
-    ranks = run_two_ranks(tmp_path, threshold, method)
-    # The same batches in one process: a convolution's float result may depend on how images are batched,
-    # so the comparison keeps the batching and isolates what distribution changes (the reductions).
-    # The thread count can change float results too: use the workers' one thread.
-    batches = dist_worker.shard_batches(0, 2) + dist_worker.shard_batches(1, 2)
+@pytest.mark.parametrize("threshold, method, population_budget, memory_budget", CASES,
+                         ids=[f"{t}-{m}-{p}-{b}" for t, m, p, b in CASES])
+def test_two_ranks_equal_one_process(tmp_path, threshold, method, population_budget, memory_budget):
+    ranks = run_two_ranks(tmp_path, threshold, method, population_budget, memory_budget)
+    # One process sees the 37 images as one batch. Samples are chosen by each image's content and every
+    # statistic is a sum, a count or a maximum, so only float summation order differs; float64 keeps that
+    # far below anything a threshold choice could see. The workers' one thread: the thread count can change
+    # float results too.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = pconv.calibrate(nets.vgg_small(), batches, time_steps=[4, 8], threshold=threshold, method=method)
+        single = dist_worker.calibrate([dist_worker.images()], threshold, method, population_budget, memory_budget)
     finally:
         torch.set_num_threads(threads)
     assert ranks[0].provenance["num_images"] == single.provenance["num_images"] == 37
+    assert ranks[0].populated == ranks[1].populated == single.populated
     for T in (4, 8):
         for name, p in single.params[T].items():
             for rank in ranks:
                 q = rank.params[T][name]
-                # Maxima and histogram counts reduce exactly: thresholds are identical.
-                assert torch.equal(q.theta, p.theta), (T, name)
-                # Means are sums in another order: equal to float32 rounding.
-                assert torch.allclose(q.delta_in, p.delta_in, atol=1e-6, rtol=0), (T, name)
-                assert torch.allclose(q.delta_out, p.delta_out, atol=1e-6, rtol=0), (T, name)
+                assert torch.allclose(q.theta, p.theta, rtol=1e-9, atol=0), (T, name)
+                assert torch.allclose(q.delta_in, p.delta_in, atol=1e-9, rtol=0), (T, name)
+                assert torch.allclose(q.delta_out, p.delta_out, atol=1e-9, rtol=0), (T, name)
             # Every rank ends with identical parameters.
-            assert torch.equal(ranks[0].params[T][name].delta_in, ranks[1].params[T][name].delta_in)
+            for leaf in ("theta", "delta_in", "delta_out"):
+                assert torch.equal(getattr(ranks[0].params[T][name], leaf), getattr(ranks[1].params[T][name], leaf))
+        for key, value in single.weights.get(T, {}).items():
+            for rank in ranks:
+                assert torch.allclose(rank.weights[T][key], value, rtol=1e-7, atol=1e-9), (T, key)
 
 
 def torchrun(tmp_path, *args):

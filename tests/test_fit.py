@@ -5,17 +5,20 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import nets
 import pconv
 from pconv import export
 from pconv.calibrate import CALIBRATIONS
-from pconv.fit import (MIN_FRACTION, REFINE_FRACTIONS, REFINE_SHIFTS, SHIFT_STEPS, THRESHOLD_FRACTIONS, activation,
-                       search_site)
+from pconv.batches import ImageBatches
+from pconv.fit import MIN_FRACTION, REFINE_FRACTIONS, REFINE_SHIFTS, SHIFT_STEPS, THRESHOLD_FRACTIONS, search_site
+from pconv.progress import NoProgress
+from pconv.quantize import activation
 from pconv.pipeline import changed_weights
 from pconv.quantize import quantize
-from pconv.refit import normal_equations, solve
+from pconv.refit import _patches, normal_equations, solve
 from pconv.sites import find_sites
 
 
@@ -37,7 +40,7 @@ def test_site_search_finds_the_best_candidate_and_its_amplitude():
     x_q = x_ann + 0.2 * torch.randn(x_ann.shape, generator=g, dtype=torch.float64)  # upstream error
     base = torch.tensor([3.0, 5.0, 1.5], dtype=torch.float64)
     levels = 4
-    theta, delta_in, delta_out = search_site(x_q, x_ann, base, levels, cap=None, samples=10**9)
+    theta, delta_in, delta_out = search_site(x_q, x_ann, base, levels, cap=None)
     for c in range(3):
         q = x_q[:, c].reshape(-1)
         y = activation(x_ann[:, c].reshape(-1), None)
@@ -62,7 +65,7 @@ def test_site_search_finds_the_best_candidate_and_its_amplitude():
 
 def test_site_search_respects_relu6():
     x = torch.linspace(-2, 9, 1000, dtype=torch.float64).view(1, 1, 1000)
-    theta, _, delta_out = search_site(x, x, torch.tensor([6.0]), 8, cap=6.0, samples=10**9)
+    theta, _, delta_out = search_site(x, x, torch.tensor([6.0]), 8, cap=6.0)
     assert theta.item() <= 6.0
     assert (theta + delta_out).item() == pytest.approx(6.0, rel=0.05)  # the top level lands on the saturation
 
@@ -82,24 +85,30 @@ def test_least_squares_refit_is_exact_when_the_input_is_an_invertible_map_of_the
     assert torch.allclose(refitted, conv(x_ann), atol=1e-9)
 
 
-@pytest.mark.parametrize("groups,padding,stride", [(1, 1, 1), (6, 1, 2), (2, 0, 1)])
-def test_gathered_patches_are_the_convolution(groups, padding, stride):
-    """The sampled patches of the normal equations, dotted with the weights, give the conv's output."""
+@pytest.mark.parametrize("groups,padding,stride,dilation", [(1, 1, 1, 1), (6, 1, 2, 1), (2, 0, 1, 2), (3, 2, 2, 2)])
+def test_gathered_patches_times_the_weights_are_the_convolution(groups, padding, stride, dilation):
+    """Each gathered row (patch plus a one), dotted with a channel's weights and bias, is that channel's conv
+    output at the sampled position: stride, padding, dilation and groups all gathered right."""
     g = torch.Generator().manual_seed(2)
-    conv = nn.Conv2d(6, 12, 3, stride=stride, padding=padding, groups=groups, bias=False).double()
-    x = torch.randn(2, 6, 7, 7, generator=g, dtype=torch.float64)
-    call = {"weight": conv.weight, "bias": None, "stride": stride, "padding": padding, "dilation": 1,
+    conv = nn.Conv2d(6, 12, 3, stride=stride, padding=padding, dilation=dilation, groups=groups).double()
+    x = torch.randn(2, 6, 11, 11, generator=g, dtype=torch.float64)
+    call = {"weight": conv.weight, "bias": conv.bias, "stride": stride, "padding": padding, "dilation": dilation,
             "groups": groups, "linear": False}
-    # with x_q = x_ann the solution is the original weights exactly (ridge or not)
-    gram, cross = normal_equations(call, x, x)
-    weight, bias = solve(gram, cross, conv.weight.detach(), None, ridge=1e-3)
-    assert torch.allclose(weight, conv.weight, atol=1e-9) and torch.allclose(bias, torch.zeros(12, dtype=bias.dtype), atol=1e-9)
+    with torch.no_grad():
+        out = F.conv2d(x, conv.weight, conv.bias, stride, padding, dilation, groups)  # [2, 12, H', W']
+        rows = torch.randperm(out.shape[0] * out.shape[2] * out.shape[3], generator=g)[:23]
+        patches = _patches(call, x, rows)  # [G, R, K+1]
+        weights = torch.cat([conv.weight.reshape(groups, 12 // groups, -1), conv.bias.reshape(groups, -1, 1)], dim=2)
+        predicted = (patches @ weights.transpose(1, 2)).transpose(0, 1).reshape(len(rows), 12)
+        expected = out.permute(0, 2, 3, 1).reshape(-1, 12)[rows]  # positions image-major, as the rows count
+    assert torch.allclose(predicted, expected, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["fit", "refit"])
-def test_paired_pass_equals_sequential_calibration(method):
+def test_paired_pass_equals_sequential_calibration(method, monkeypatch):
     """Each site's search sees the quantized network's input with every earlier site already calibrated:
     rerunning the search on the finished network's own inputs reproduces every parameter."""
+    monkeypatch.setattr(pconv.fit, "SAMPLES_PER_CHANNEL", 10**9)  # every position, as search_site takes them
     model = nets.vgg_small().double()
     batches = [b.double() for b in calib_batches(n=2)]
     sites = find_sites(model, batches[0][:1])
@@ -109,7 +118,7 @@ def test_paired_pass_equals_sequential_calibration(method):
     for m in modules.values():
         m.double()
     start = {n: m.theta.clone() for n, m in modules.items()}
-    CALIBRATIONS.get(method)(qnet, modules, batches, None)
+    CALIBRATIONS.get(method)(qnet, modules, ImageBatches(batches), 2**30, NoProgress())
     ann = copy.deepcopy(model)
     images = torch.cat(batches)
     seen_q, seen_ann = {}, {}

@@ -15,7 +15,7 @@ import nets
 import pconv
 from pconv import functional as PF
 from pconv.errors import ConfigError
-from pconv.sensitivity import choose_populated, image_chunks, site_sensitivity
+from pconv.sensitivity import choose_populated, site_sensitivity
 from pconv.sites import Site, find_sites
 from test_pipeline import qcfs_network
 from test_population import assert_refused, snn_file_with_metadata
@@ -74,7 +74,7 @@ def test_sensitivity_predicts_the_change_of_the_predicted_class_log_probability(
         h.remove()
         channel_max[s.name] = seen[0].transpose(0, 1).flatten(1).amax(dim=1)
     levels = 64
-    sens, neurons = site_sensitivity(model, sites, channel_max, image_chunks([images]), [4, levels])
+    sens, neurons = site_sensitivity(model, sites, channel_max, [images], [4, levels], budget=2**30)
     assert neurons == {"act1": 8 * 64, "act2": 8 * 64}
     with torch.no_grad():
         ann = model(images).log_softmax(dim=1)

@@ -1,8 +1,8 @@
 """Calibration images for the many passes calibration makes over them.
 
-They are decoded once and kept in memory while they fit in a budget. Past it, a re-iterable source (a
-DataLoader, a list) is read again on every pass instead, so memory stays bounded however many images there
-are; a one-shot iterator has to be kept whole. Labels, if any, are dropped.
+They are decoded once and kept in memory while they fit in their share of the memory budget. Past it, a
+re-iterable source (a DataLoader, a list) is read again on every pass instead, so memory stays bounded
+however many images there are; a one-shot iterator has to be kept whole. Labels, if any, are dropped.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from typing import Any, Iterable, Iterator
 from torch import Tensor
 
 from .errors import DataError
-
-#: Decoded calibration images are held in memory up to this many bytes.
-IMAGE_BUDGET_BYTES = 4 * 1024**3
+from .memory import tensor_bytes
 
 
 def images_of(item: Any) -> Tensor:
@@ -26,19 +24,20 @@ def images_of(item: Any) -> Tensor:
 
 
 class ImageBatches:
-    def __init__(self, data: Tensor | Iterable, num_images: int | None = None,
-                 budget_bytes: int | None = None):
-        budget_bytes = IMAGE_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    """Re-iterable batches of calibration images: held while they take at most `hold_bytes`, else re-read."""
+
+    def __init__(self, data: Tensor | Iterable, num_images: int | None = None, hold_bytes: int = 2 * 1024**3):
         if isinstance(data, Tensor):
             data = [data]
         self._source = data
         self._limit = num_images
         self._held: list[Tensor] | None = []
+        self._batches = 0
         reiterable = iter(data) is not data
         held_bytes = 0
         for x in self._read():
-            held_bytes += x.numel() * x.element_size()
-            if held_bytes > budget_bytes and reiterable:
+            held_bytes += tensor_bytes(x)
+            if held_bytes > hold_bytes and reiterable:
                 self._held = None  # stream from the source on every pass
                 break
             self._held.append(x)
@@ -52,6 +51,11 @@ class ImageBatches:
     @property
     def streaming(self) -> bool:
         return self._held is None
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the images kept in memory (0 when streaming)."""
+        return 0 if self._held is None else sum(tensor_bytes(x) for x in self._held)
 
     def _read(self) -> Iterator[Tensor]:
         seen = 0
@@ -77,6 +81,3 @@ class ImageBatches:
 
     def __len__(self) -> int:
         return len(self._held) if self._held is not None else self._batches
-
-    def first(self) -> Tensor:
-        return next(iter(self))

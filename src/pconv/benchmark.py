@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from .errors import ConfigError
+from .memory import peak_tensor_bytes
 from .snn import SpikingNetwork
 
 BENCH_ENGINES = ("ann", "serial", "spikes", "counts")
@@ -60,32 +58,6 @@ class BenchResult:
         return asdict(self)
 
 
-class _TensorBytes(TorchDispatchMode):
-    """Counts bytes of tensors created inside the mode and still alive; keeps the maximum."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live:
-                    self.live[key] = storage.nbytes()
-                    self.current += self.live[key]
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(t, self._release, key)
-        return out
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -102,14 +74,6 @@ def time_calls(fn: Callable[[Tensor], Tensor], x: Tensor, warmup: int, iters: in
             fn(x)
         _sync(x.device)
     return (time.perf_counter() - start) / iters
-
-
-def peak_tensor_bytes(fn: Callable[[Tensor], Tensor], x: Tensor) -> int:
-    meter = _TensorBytes()
-    with torch.inference_mode(), meter:
-        out = fn(x)
-    del out
-    return meter.peak
 
 
 def _cuda_graphed(fn: Callable[[Tensor], Tensor], example: Tensor) -> Callable[[Tensor], Tensor]:
@@ -236,9 +200,11 @@ def benchmark(
                 reduced = plain(x).float()
                 full = module(x).float()
             agreement = 100.0 * (reduced.argmax(1) == full.argmax(1)).float().mean().item()
+        with torch.inference_mode():
+            peak = peak_tensor_bytes(plain, x)
         result.engines.append(EngineResult(
             engine=engine, batch_size=batch_size, samples_per_sec=batch_size / step, step_time_ms=1000 * step,
-            latency_ms=1000 * latency, peak_memory_mb=peak_tensor_bytes(plain, x) / 2**20,
+            latency_ms=1000 * latency, peak_memory_mb=peak / 2**20,
             cuda_peak_memory_mb=cuda_peak, top1_agreement_vs_fp32=agreement))
     ann = next((e for e in result.engines if e.engine == "ann"), None)
     if ann is not None:

@@ -7,6 +7,9 @@ execution order (each one seeing its already-calibrated predecessors):
 Means are linear, so the reference sums are taken once for all sites; each site then needs one
 forward pass of the quantized network that stops right after the site, plus a pass over that site's
 cached inputs (or a second truncated forward when they would not fit in the memory budget).
+
+Every method takes (model, its QCFS modules by site, the calibration images, the memory budget in bytes,
+a Progress) and returns provenance notes; it shows its own progress stages.
 """
 
 from __future__ import annotations
@@ -18,18 +21,18 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .batches import ImageBatches
 from .fit import fit_sites
+from .progress import Progress
 from .quantize import QCFS
 from .record import channels_last_2d
 from .refit import refit_layers
 from .registry import Registry
 
-Progress = Callable[[], None] | None
-CalibrateFn = Callable[[nn.Module, Mapping[str, QCFS], Sequence[Tensor], Progress], None]
+Tick = Callable[[], None] | None
+CalibrateFn = Callable[[nn.Module, Mapping[str, QCFS], ImageBatches, int, Progress], dict | None]
 CALIBRATIONS: Registry[CalibrateFn] = Registry("calibration method")
 
-#: Cache a site's inputs between the two passes while they take at most this many bytes.
-CACHE_BYTES = 2 * 1024**3
 #: The calibrated output amplitude is kept at least this fraction of theta, so it stays positive.
 MIN_AMPLITUDE_FRACTION = 1e-3
 
@@ -51,7 +54,7 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _run(model: nn.Module, batches: Sequence[Tensor], progress: Progress, stop_early: bool) -> None:
+def _run(model: nn.Module, batches: Sequence[Tensor], progress: Tick, stop_early: bool) -> None:
     device = _device(model)
     with torch.inference_mode():
         for x in batches:
@@ -65,7 +68,7 @@ def _run(model: nn.Module, batches: Sequence[Tensor], progress: Progress, stop_e
 
 
 def reference_means(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor],
-                    progress: Progress = None) -> dict[str, tuple[Tensor, Tensor]]:
+                    progress: Tick = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-site channel means of (input, output) in the clipped full-precision reference network."""
     reference = copy.deepcopy(model)
     sums: dict[str, list] = {}
@@ -84,7 +87,7 @@ def reference_means(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequ
     return {name: (global_mean(sx, n), global_mean(sy, n)) for name, (sx, sy, n) in sums.items()}
 
 
-def _site_inputs_mean(model: nn.Module, module: QCFS, batches: Sequence[Tensor], progress: Progress,
+def _site_inputs_mean(model: nn.Module, module: QCFS, batches: Sequence[Tensor], progress: Tick,
                       cache: list[Tensor] | None) -> Tensor:
     """Mean input of one site over the calibration set, from a forward pass that stops at the site."""
     acc = [0.0, 0]
@@ -104,7 +107,7 @@ def _site_inputs_mean(model: nn.Module, module: QCFS, batches: Sequence[Tensor],
     return global_mean(acc[0], acc[1])
 
 
-def _site_outputs_mean(model: nn.Module, module: QCFS, batches: Sequence[Tensor], progress: Progress,
+def _site_outputs_mean(model: nn.Module, module: QCFS, batches: Sequence[Tensor], progress: Tick,
                        cache: list[Tensor] | None) -> Tensor:
     if cache is not None:
         total, n = 0.0, 0
@@ -131,8 +134,8 @@ def _site_outputs_mean(model: nn.Module, module: QCFS, batches: Sequence[Tensor]
     return global_mean(acc[0], acc[1])
 
 
-def _fits_in_cache(model: nn.Module, module: QCFS, batches: Sequence[Tensor]) -> bool:
-    """Size of the site's inputs over all batches, measured on the first batch."""
+def _fits_in_cache(model: nn.Module, module: QCFS, batches: ImageBatches, budget: int) -> bool:
+    """Whether the site's inputs over all images (measured on the first batch) fit in `budget` bytes."""
     seen = []
 
     def tap(x, y):
@@ -144,60 +147,53 @@ def _fits_in_cache(model: nn.Module, module: QCFS, batches: Sequence[Tensor]) ->
         _run(model, [next(iter(batches))], None, stop_early=True)
     finally:
         module.tap = None
-    images = getattr(batches, "num_images", None) or sum(x.shape[0] for x in batches)
-    return bool(seen) and seen[0] * images <= CACHE_BYTES
+    return bool(seen) and seen[0] * batches.num_images <= budget
 
 
 @CALIBRATIONS.register("none")
-def no_calibration(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor],
-                   progress: Progress = None) -> None:
+def no_calibration(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatches, budget: int,
+                   progress: Progress) -> None:
     """Plain QCFS: thresholds only, no shifts."""
 
 
 @CALIBRATIONS.register("da")
-def distribution_aware(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor],
-                       progress: Progress = None) -> None:
-    """The paper's DA calibration: per-channel input and output-amplitude shifts, exact means."""
-    targets = reference_means(model, modules, batches, progress)
+def distribution_aware(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatches, budget: int,
+                       progress: Progress) -> None:
+    """The paper's DA calibration: per-channel input and output-amplitude shifts, exact means. A site's inputs
+    are cached between its two passes while they fit in the budget (what the images take aside)."""
+    tick = progress.stage("calibrating (da)", (1 + 2 * len(modules)) * len(batches))
+    targets = reference_means(model, modules, batches, tick)
+    cache_budget = max(0, budget - batches.held_bytes)
     for name, module in modules.items():
         module.delta_in.zero_()
         module.delta_out.zero_()
-        cache: list[Tensor] | None = [] if _fits_in_cache(model, module, batches) else None
+        cache: list[Tensor] | None = [] if _fits_in_cache(model, module, batches, cache_budget) else None
         ref_in, ref_out = targets[name]
-        q_in = _site_inputs_mean(model, module, batches, progress, cache)
+        q_in = _site_inputs_mean(model, module, batches, tick, cache)
         module.delta_in.copy_((ref_in - q_in).to(module.delta_in))
-        q_out = _site_outputs_mean(model, module, batches, progress, cache)
+        q_out = _site_outputs_mean(model, module, batches, tick, cache)
         delta_out = (ref_out - q_out).to(module.delta_out)
         floor = module.theta * (MIN_AMPLITUDE_FRACTION - 1.0)
         module.delta_out.copy_(torch.maximum(delta_out, floor))
 
 
 @CALIBRATIONS.register("fit")
-def fit_to_ann(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor],
-               progress: Progress = None) -> dict:
+def fit_to_ann(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatches, budget: int,
+               progress: Progress) -> dict:
     """pconv's: per-channel threshold, rounding shift and amplitude fitted to the ANN, layer by layer."""
-    return fit_sites(model, modules, batches, progress)
+    return fit_sites(model, modules, batches, budget, progress)
 
 
 @CALIBRATIONS.register("refit")
-def refit_to_ann(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor],
-                 progress: Progress = None) -> dict:
-    """pconv's default: `fit`, plus every conv/linear layer refitted to the ANN by least squares."""
-    return refit_layers(model, modules, batches, progress)
+def refit_to_ann(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatches, budget: int,
+                 progress: Progress) -> dict:
+    """`fit`, plus every conv/linear layer refitted to the ANN by least squares."""
+    return refit_layers(model, modules, batches, budget, progress)
 
 
 @CALIBRATIONS.register("auto")
-def automatic(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor],
-              progress: Progress = None) -> dict:
+def automatic(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatches, budget: int,
+              progress: Progress) -> dict:
     """pconv's default. The pipeline resolves it per T (pipeline.plan): `fit` at T <= AUTO_FIT_MAX_T, the mse
     threshold with no calibration above; called directly, it is `fit`."""
-    return fit_sites(model, modules, batches, progress)
-
-
-def calibration_ticks(method: str, n_sites: int, n_batches: int) -> int:
-    """How many times a method calls its progress callback (for progress bars)."""
-    if method == "none":
-        return 0
-    if method in ("fit", "refit"):
-        return n_sites  # one paired pass, one tick per site reached
-    return (1 + 2 * n_sites) * n_batches  # one pass over the batches per tick
+    return fit_sites(model, modules, batches, budget, progress)

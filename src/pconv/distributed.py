@@ -54,6 +54,13 @@ def reduce_max(t: Tensor) -> Tensor:
     return _reduce(t, dist.ReduceOp.MAX)
 
 
+def reduce_any(flag: bool) -> bool:
+    """Whether `flag` holds on any process (every process gets the same answer)."""
+    if not active():
+        return bool(flag)
+    return bool(reduce_max(torch.tensor([1.0 if flag else 0.0])).item())
+
+
 def reduce_count(n: int) -> int:
     return int(reduce_sum(torch.tensor([n], dtype=torch.float64)).item()) if active() else n
 

@@ -1,33 +1,31 @@
-"""`fit`: calibrate every site against the ANN itself, layer by layer, in one paired forward pass.
+"""`fit`: calibrate every site against the ANN itself, layer by layer, in the paired pass (paired.py).
 
-The calibration images go through the network once, doubled into one batch: the first half runs the
-quantized network as calibrated so far, the second half the ANN (each site computes its ReLU/ReLU6
-exactly). Layers are shared and act on each image separately, so at every site both halves hold the
-same images: the quantized network's input there, with every earlier site already calibrated, and the
-ANN's. The site is calibrated on that pair before the forward goes on, which makes the calibration
-sequential over layers (each site corrects what its predecessors left) at the cost of one pass.
-
-Per channel, a grid search over the threshold (fractions of the recorded one) and the rounding shift
-delta_in, refined around its best point, keeps the pair whose output, at its least-squares amplitude, is
-closest to the ANN's:
+At every site the paired pass gives the quantized network's input x_q (every earlier site already
+calibrated) and the ANN's x_ann, over all calibration images. Per channel, a grid search over the threshold
+(fractions of the recorded one) and the rounding shift delta_in, refined around its best point, keeps the
+pair whose output, at its least-squares amplitude, is closest to the ANN's:
     k         = clamp(floor(T*(x_q + delta_in)/theta + 1/2), 0, T)      the spike count
     theta_out = T * E[k*y] / E[k^2]                                      y = ReLU(x_ann) (or ReLU6)
     error     = E[(theta_out/T * k - y)^2]
-Only three sums per channel and candidate are needed, so the choice is exact over several processes.
+over a sample of positions: SAMPLES_PER_CHANNEL in all, the same number from every image, chosen by the
+image's content (sampling.py). Only three sums per channel and candidate are needed, so the choice is the
+same over several processes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .quantize import QCFS
+from .batches import ImageBatches
+from .paired import PairedPass, Point, run_paired
+from .progress import Progress
+from .quantize import QCFS, activation
 from .record import channels_last_2d
-
-Progress = Callable[[], None] | None
+from .sampling import per_image, sample_index
 
 #: Thresholds tried, as fractions of the recorded threshold (the --threshold method's value).
 THRESHOLD_FRACTIONS = torch.linspace(0.2, 1.0, 33).tolist()
@@ -39,21 +37,8 @@ REFINE_FRACTIONS = torch.linspace(-0.0125, 0.0125, 5).tolist()
 REFINE_SHIFTS = (-0.125, 0.0, 0.125)
 #: Smallest threshold fraction considered.
 MIN_FRACTION = 0.05
-#: Positions per channel the search looks at, drawn at random (seeded) from the calibration set.
+#: Positions per channel the search looks at, over all images (each image gives its share).
 SAMPLES_PER_CHANNEL = 8192
-#: The doubled calibration batch is capped so that its largest site input takes at most this many bytes;
-#: the images past the cap are used for thresholds only.
-PAIRED_BYTES = 3 * 1024**3
-
-
-def activation(x: Tensor, cap: float | None) -> Tensor:
-    """The ANN's activation at a site: ReLU, or ReLU6 when cap = 6."""
-    return x.clamp_min(0) if cap is None else x.clamp(0, cap)
-
-
-def _sample(x: Tensor, index: Tensor | None) -> Tensor:
-    rows = channels_last_2d(x)
-    return rows if index is None else rows[:, index]
 
 
 def _candidate_sums(q: Tensor, y: Tensor, base: Tensor, fractions: Tensor, shifts: Tensor,
@@ -77,20 +62,14 @@ def _best(sums: Tensor) -> Tensor:
     return (sums[..., 0] * _amplitude(sums)).argmax(dim=1)
 
 
-def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: float | None,
-                samples: int = SAMPLES_PER_CHANNEL) -> tuple[Tensor, Tensor, Tensor]:
-    """(theta, delta_in, delta_out) per channel that best reproduce activation(x_ann) from x_q.
+def search_samples(q: Tensor, y: Tensor, theta: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(theta, delta_in, delta_out) per channel that best reproduce the ANN's outputs `y` [C, S] from the
+    quantized network's inputs `q` [C, S] (this process's samples; the sums are reduced over processes).
 
     Two stages: the grid THRESHOLD_FRACTIONS x SHIFT_STEPS, then a finer grid around each channel's best
     (REFINE_FRACTIONS x REFINE_SHIFTS, which includes the first-stage choice)."""
-    positions = x_q.numel() // x_q.shape[1] if x_q.numel() else 0
-    index = None
-    if positions > samples:
-        generator = torch.Generator(device="cpu").manual_seed(positions)
-        index = torch.randint(0, positions, (samples,), generator=generator).to(x_q.device)
-    q = _sample(x_q, index).float()
-    y = activation(_sample(x_ann, index), cap).float()
-    base = theta.double()
+    q, y = q.float(), y.float()
+    base = theta.double().to(q.device)
     ones = torch.ones_like(base)
     grid = [(f, s) for f in THRESHOLD_FRACTIONS for s in SHIFT_STEPS]
     sums = torch.stack([_candidate_sums(q, y, base, ones * f, ones * s, levels) for f, s in grid], dim=1)
@@ -98,8 +77,7 @@ def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: flo
     fraction = torch.tensor([f for f, _ in grid], dtype=torch.float64, device=q.device)[best]
     shift = torch.tensor([s for _, s in grid], dtype=torch.float64, device=q.device)[best]
     fine = [((fraction + df).clamp(MIN_FRACTION, 1.0), shift + ds) for df in REFINE_FRACTIONS for ds in REFINE_SHIFTS]
-    sums = torch.stack([_candidate_sums(q, y, base, f, s, levels) for f, s in fine], dim=1)
-    sums = distributed.reduce_sum(sums)
+    sums = distributed.reduce_sum(torch.stack([_candidate_sums(q, y, base, f, s, levels) for f, s in fine], dim=1))
     best = _best(sums)
     rows = torch.arange(len(base), device=q.device)
     fraction = torch.stack([f for f, _ in fine], dim=1)[rows, best]
@@ -109,80 +87,53 @@ def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: flo
     amplitude = torch.where(chosen[:, 1] > 0, _amplitude(chosen), new_theta / levels)
     delta_in = new_theta / levels * shift
     delta_out = amplitude * levels - new_theta
-    return new_theta.to(theta), delta_in.to(theta), delta_out.to(theta)
+    return tuple(v.to(theta) for v in (new_theta, delta_in, delta_out))
 
 
-def _site_hook(half: int, progress: Progress) -> Callable:
-    def hook(module: QCFS, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        x = inputs[0]
-        x_q, x_ann = x[:half], x[half:]
-        theta, delta_in, delta_out = search_site(x_q, x_ann, module.theta, module.resolution, module.cap)
+def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: float | None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """search_samples over every position of the [B, C, ...] inputs x_q and x_ann."""
+    return search_samples(channels_last_2d(x_q), activation(channels_last_2d(x_ann), cap), theta, levels)
+
+
+class SitePoint(Point):
+    """A site of `fit`: gathers its sampled (input, ANN output) pairs, then searches its parameters."""
+
+    def __init__(self, name: str, module: QCFS, num_images: int):
+        self.name = name
+        self.module = module
+        self.count = per_image(SAMPLES_PER_CHANNEL, num_images)
+        self.q: list[Tensor] = []
+        self.y: list[Tensor] = []
+
+    def collect(self, x_q: Tensor, x_ann: Tensor, keys: list[bytes], call: Any = None) -> None:
+        positions = x_q[0].numel() // x_q.shape[1] if x_q.numel() else 0
+        index = sample_index(keys, self.name, positions, self.count, x_q.device)
+        q, a = channels_last_2d(x_q), channels_last_2d(x_ann)
+        if index is not None:
+            q, a = q[:, index], a[:, index]
+        self.q.append(q.float())
+        self.y.append(activation(a, self.module.cap).float())
+
+    def finish(self) -> None:
+        module = self.module
+        empty = torch.zeros(module.theta.numel(), 0, device=module.theta.device)
+        q = torch.cat(self.q, dim=1) if self.q else empty
+        y = torch.cat(self.y, dim=1) if self.y else empty
+        theta, delta_in, delta_out = search_samples(q, y, module.theta, module.resolution)
         module.theta.copy_(theta)
         module.delta_in.copy_(delta_in)
         module.delta_out.copy_(delta_out)
-        y_q = module.quantized(x_q)
-        if progress:
-            progress()
-        return torch.cat([y_q, activation(x_ann, module.cap)])
-
-    return hook
+        self.q, self.y = [], []
 
 
-def _largest_site_bytes(model: nn.Module, modules: Mapping[str, QCFS], example: Tensor) -> float:
-    """Bytes per image of the largest site input (one probe forward on one image)."""
-    sizes = [0.0]
-
-    def tap(x: Tensor, y: Tensor) -> None:
-        sizes.append(x.numel() * x.element_size() / max(x.shape[0], 1))
-
-    for module in modules.values():
-        module.tap = tap
-    try:
-        with torch.inference_mode():
-            model(example[:1])
-    finally:
-        for module in modules.values():
-            module.tap = None
-    return max(sizes)
+def site_points(modules: Mapping[str, QCFS], num_images: int) -> dict[QCFS, Point]:
+    return {module: SitePoint(name, module, num_images) for name, module in modules.items()}
 
 
-def paired_images(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor]) -> Tensor:
-    """The calibration images for the paired pass, as one tensor, capped by PAIRED_BYTES."""
-    device = next(model.parameters()).device
-    first = next(iter(batches)).to(device)
-    per_image = 2 * _largest_site_bytes(model, modules, first)
-    limit = max(1, int(PAIRED_BYTES // max(per_image, 1.0)))
-    held, count = [], 0
-    for x in batches:
-        x = x[: limit - count].to(device)
-        held.append(x)
-        count += x.shape[0]
-        if count >= limit:
-            break
-    return torch.cat(held)
-
-
-def paired_pass(model: nn.Module, modules: Mapping[str, QCFS], images: Tensor, progress: Progress = None,
-                mode: Any = None) -> None:
-    """One forward of [images; images] with every site calibrated on the pair as it is reached.
-
-    `mode`, if given, is a TorchFunctionMode active during the pass (the layer refit uses one)."""
-    hooks = [module.register_forward_hook(_site_hook(images.shape[0], progress)) for module in modules.values()]
-    try:
-        with torch.no_grad():
-            if mode is None:
-                model(torch.cat([images, images]))
-            else:
-                with mode:
-                    model(torch.cat([images, images]))
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def fit_sites(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor],
-              progress: Progress = None) -> dict[str, Any]:
-    """The `fit` calibration: every site searched against the ANN, layer by layer, in one paired pass."""
-    images = paired_images(model, modules, batches)
-    paired_pass(model, modules, images, progress)
-    return {"fit_images": distributed.reduce_count(images.shape[0])}
+def fit_sites(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatches, budget: int,
+              progress: Progress) -> dict[str, Any]:
+    """The `fit` calibration: every site searched against the ANN, layer by layer, in the paired pass."""
+    num_images = distributed.reduce_count(batches.num_images)
+    notes = run_paired(PairedPass(model, site_points(modules, num_images)), batches, budget, progress, "fit")
+    return {"fit_images": num_images, "fit_schedule": notes["schedule"]}

@@ -16,15 +16,16 @@ from torch import Tensor, nn
 
 from . import distributed
 from .batches import ImageBatches, images_of
-from .calibrate import CALIBRATIONS, calibration_ticks
+from .calibrate import CALIBRATIONS
 from .errors import ConfigError, DataError
 from . import functional as PF
+from .memory import MiB, TensorMeter, default_budget, parse_budget, peak_rss_bytes
 from .models import ModelSource, replace_weights, source_of, weights_fingerprint
 from .neurons import NEURONS
 from .progress import NoProgress, Progress
 from .quantize import quantize
 from .record import DEFAULT_BINS, record_activations
-from .sensitivity import choose_populated, image_chunks, site_sensitivity
+from .sensitivity import choose_populated, site_sensitivity
 from .sites import ACTIVATIONS, Site, find_sites, population_size
 from .snn import ConversionInfo, SpikingNetwork, spiking_network
 from .thresholds import ThresholdSpec
@@ -147,12 +148,15 @@ def calibrate(
     progress: Progress | None = None,
     encoding_levels: int = DEFAULT_ENCODING_LEVELS,
     population_budget: float = DEFAULT_POPULATION_BUDGET,
+    memory_budget: int | str | None = None,
 ) -> Calibration:
     """Record thresholds and calibrate the distribution error for each T (labels are never used).
 
     Encoding sites get ceil(encoding_levels/T) neurons per channel (population coding of the image); with a
     `population_budget` > 0, so do the hidden sites whose quantization costs the most accuracy per added
-    neuron, while the added neurons stay within that fraction of the network's (sensitivity.py)."""
+    neuron, while the added neurons stay within that fraction of the network's (sensitivity.py).
+    `memory_budget` (bytes, or e.g. "4GiB"; default memory.default_budget()) bounds what calibration holds
+    beyond the model and one batch; every image is used whatever their number (memory.py)."""
     encoding_levels = check_encoding_levels(encoding_levels)
     population_budget = check_population_budget(population_budget)
     steps = [time_steps] if isinstance(time_steps, int) else list(time_steps)
@@ -161,20 +165,36 @@ def calibrate(
     steps = sorted({check_time_steps(t) for t in steps})
     spec = ThresholdSpec.parse(threshold)
     CALIBRATIONS.get(method)
+    budget = default_budget() if memory_budget is None else parse_budget(memory_budget)
+    started = time.perf_counter()
+    meter = TensorMeter()
+    with meter:
+        calibration = _calibrate(model, data, steps, spec, method, num_images, bins, progress or NoProgress(),
+                                 encoding_levels, population_budget, budget)
+    calibration.provenance.update({
+        "calibration_seconds": round(time.perf_counter() - started, 3),
+        "memory_budget_mb": round(budget / MiB, 1),
+        "peak_tensor_mb": round(meter.peak / MiB, 1),
+        "peak_rss_mb": round(peak_rss_bytes() / MiB, 1),
+    })
+    return calibration
+
+
+def _calibrate(model: nn.Module, data: Tensor | Iterable, steps: list[int], spec: ThresholdSpec, method: str,
+               num_images: int | None, bins: int, progress: Progress, encoding_levels: int,
+               population_budget: float, budget: int) -> Calibration:
     plans = {T: plan(spec, method, T) for T in steps}
     histograms = any(p.needs_histogram for p, _ in plans.values())
-    progress = progress or NoProgress()
     work = copy.deepcopy(model).eval()
-    device = next(work.parameters()).device
-    started = time.perf_counter()
     # Refuse an unsupported network on one image, before reading the whole calibration set.
     first, data = first_batch(data)
-    sites = find_sites(work, first[:1].to(device))
-    batches = ImageBatches(data, num_images)
+    sites = find_sites(work, first[:1].to(next(work.parameters()).device))
+    batches = ImageBatches(data, num_images, hold_bytes=budget // 2)
     passes = 2 if histograms else 1
     stats = record_activations(work, sites, batches, histograms=histograms, bins=bins,
                                progress=progress.stage("recording thresholds", passes * len(batches)))
-    populated = choose_population(work, sites, stats, batches, steps, encoding_levels, population_budget, progress)
+    populated = choose_population(work, sites, stats, batches, steps, encoding_levels, population_budget, budget,
+                                  progress)
     # populations(T) is the one rule for neurons per channel; an empty calibration lends it before params exist
     shell = Calibration(sites, str(spec), method, {}, {}, encoding_levels=encoding_levels, populated=populated)
     params: dict[int, dict[str, SiteParams]] = {}
@@ -186,9 +206,8 @@ def calibrate(
         thetas = {s.name: spec_t.compute(stats[s.name], T * populations[s.name]) for s in sites}
         qnet = copy.deepcopy(work)
         modules = quantize(qnet, sites, thetas, T, populations)
-        total = calibration_ticks(method_t, len(sites), len(batches))
-        stage = progress.stage(f"calibrating T={T}", total) if total else None
-        notes.update(CALIBRATIONS.get(method_t)(qnet, modules, batches, stage) or {})
+        stage = _Labelled(progress, f"T={T}")
+        notes.update(CALIBRATIONS.get(method_t)(qnet, modules, batches, budget, stage) or {})
         params[T] = {name: SiteParams(m.theta.cpu(), m.delta_in.cpu(), m.delta_out.cpu())
                      for name, m in modules.items()}
         changed = changed_weights(work, qnet, modules)
@@ -198,7 +217,6 @@ def calibrate(
         "num_images": distributed.reduce_count(batches.num_images),
         "weights_sha256": weights_fingerprint(model),
         "world_size": distributed.world_size(),
-        "calibration_seconds": round(time.perf_counter() - started, 3),
         "torch_version": torch.__version__,
         **notes,
     }
@@ -212,18 +230,28 @@ def calibrate(
                        source_of(model), data_config, provenance, weights, encoding_levels, populated)
 
 
+class _Labelled:
+    """A Progress whose stage names say which T they belong to."""
+
+    def __init__(self, progress: Progress, label: str):
+        self.progress, self.label = progress, label
+
+    def stage(self, description: str, total: int | None):
+        return self.progress.stage(f"{description} ({self.label})", total)
+
+
 def choose_population(model: nn.Module, sites: list[Site], stats: dict, batches: ImageBatches, steps: list[int],
-                      encoding_levels: int, budget: float, progress: Progress) -> dict[int, list[str]]:
+                      encoding_levels: int, budget: float, memory_budget: int,
+                      progress: Progress) -> dict[int, list[str]]:
     """Per T, the hidden sites to population-code within the neuron budget (none when it is 0)."""
     size = {T: population_size(T, encoding_levels) for T in steps}
     wanted = [T for T in steps if size[T] > 1]
     if budget <= 0 or not wanted:
         return {}
     resolutions = sorted({L for T in wanted for L in (T, size[T] * T)})
-    chunks = image_chunks(batches)
-    ticks = progress.stage("measuring site sensitivity", len(chunks))
-    sensitivity, neurons = site_sensitivity(model, sites, {n: s.max for n, s in stats.items()}, chunks,
-                                            resolutions, ticks)
+    ticks = progress.stage("measuring site sensitivity", len(batches))
+    sensitivity, neurons = site_sensitivity(model, sites, {n: s.max for n, s in stats.items()}, batches,
+                                            resolutions, max(memory_budget - batches.held_bytes, 0), ticks)
     chosen = {T: choose_populated(sites, sensitivity, neurons, T, size[T], budget) for T in wanted}
     return {T: names for T, names in chosen.items() if names}
 

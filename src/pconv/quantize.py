@@ -12,12 +12,18 @@ from .sites import Site
 from .swap import swap_by_name
 
 
+def activation(x: Tensor, cap: float | None) -> Tensor:
+    """The ANN's activation at a site: ReLU, or ReLU6 when cap = 6."""
+    return x.clamp_min(0) if cap is None else x.clamp(0, cap)
+
+
 class QCFS(nn.Module):
     """Per-channel DA-QCFS activation.
 
     mode "quant": (theta+delta_out)/L * clamp(floor(L*(x+delta_in)/theta + 1/2), 0, L)
     mode "clip":  clamp(x, 0, theta), the full-precision reference that calibration aims at.
-    A `tap` callback, when set, sees (input, output) of every call; calibration uses it.
+    A `tap` callback, when set, sees (input, output) of every call; calibration uses it. With `bypass` set,
+    the module returns its input unchanged (the paired pass computes the output in a hook instead).
     With a population of m neurons per channel (an encoding site), L = m*T: `levels` stays T and
     `resolution` is m*T, the levels calibration works with.
     """
@@ -31,9 +37,12 @@ class QCFS(nn.Module):
         self.register_buffer("delta_in", torch.zeros_like(self.theta))
         self.register_buffer("delta_out", torch.zeros_like(self.theta))
         self.mode = "quant"
+        self.bypass = False
         self.tap: Callable[[Tensor, Tensor], None] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.bypass:
+            return x
         if self.mode == "clip":
             y = torch.minimum(x.clamp_min(0), PF.per_channel(self.theta, x))
         else:
@@ -41,6 +50,10 @@ class QCFS(nn.Module):
         if self.tap is not None:
             self.tap(x, y)
         return y
+
+    def activation(self, x: Tensor) -> Tensor:
+        """The ANN activation this site replaces."""
+        return activation(x, self.cap)
 
     def quantized(self, x: Tensor) -> Tensor:
         """The count-domain output, bit for bit the one of the site's spiking neurons."""

@@ -13,28 +13,31 @@ mean error, the weights the part correlated with the signal. The pull towards th
 classifier, from overfitting. A layer without a bias gets one. Labels are never used.
 
 The call is seen through a TorchFunctionMode, so the input is the one the layer really convolves (after
-any padding its module adds, as timm's "same" convolutions do), whatever module wraps it.
+any padding its module adds, as timm's "same" convolutions do), whatever module wraps it. The rows of the
+least-squares problem are output positions sampled from every image alike (sampling.py), and X^T X and
+X^T Y are sums over them, so they stream over chunks of images and reduce over processes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from . import distributed
-from .fit import paired_images, paired_pass
+from .batches import ImageBatches
+from .fit import site_points
+from .paired import LayerCalls, PairedPass, Point, run_paired
+from .progress import Progress
 from .quantize import QCFS
-
-Progress = Callable[[], None] | None
+from .sampling import per_image, sample_index
 
 #: Ridge strength, as a fraction of the mean diagonal of the input Gram matrix.
 RIDGE = 1e-3
-#: Output positions (rows of the least-squares problem) sampled per layer: this many per weight of an
-#: output channel, at least MIN_ROWS, at most all of them (drawn at random, seeded).
+#: Output positions (rows of the least-squares problem) sampled per layer, over all images: this many per
+#: weight of an output channel, at least MIN_ROWS (each image gives its share; all of them if fewer).
 ROWS_PER_FEATURE = 64
 MIN_ROWS = 16384
 #: Patches are gathered for at most this many elements at a time.
@@ -79,37 +82,36 @@ def _patches(call: dict[str, Any], x: Tensor, rows: Tensor) -> Tensor:
     return torch.cat([picked, torch.ones_like(picked[..., :1])], dim=2)
 
 
-def normal_equations(call: dict[str, Any], x_q: Tensor, x_ann: Tensor) -> tuple[Tensor, Tensor]:
-    """(X_q^T X_q, X_q^T X_ann) per group, in float64, over sampled output positions of x_q / x_ann."""
-    total = 1
-    for n in _positions(call, x_q):
-        total *= n
-    weight = call["weight"]
-    features = weight[0].numel() + 1
-    wanted = min(total, max(MIN_ROWS, ROWS_PER_FEATURE * features))
-    generator = torch.Generator(device="cpu").manual_seed(total)
-    rows = torch.randperm(total, generator=generator)[:wanted].to(x_q.device) if wanted < total \
-        else torch.arange(total, device=x_q.device)
+def wanted_rows(call: dict[str, Any], positions_per_image: int, num_images: int) -> int:
+    """Rows of the least-squares problem each image gives (all its positions when there are few)."""
+    features = call["weight"][0].numel() + 1
+    total = positions_per_image * num_images
+    return per_image(min(total, max(MIN_ROWS, ROWS_PER_FEATURE * features)), num_images)
+
+
+def normal_equations(call: dict[str, Any], x_q: Tensor, x_ann: Tensor, rows: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """(X_q^T X_q, X_q^T X_ann) per group, in float64, over the output positions `rows` of x_q / x_ann
+    (flat, image-major; None: all of them). Not reduced over processes."""
+    if rows is None:
+        total = 1
+        for n in _positions(call, x_q):
+            total *= n
+        rows = torch.arange(total, device=x_q.device)
+    features = call["weight"][0].numel() + 1
     step = max(1, GATHER_ELEMENTS // (features * call.get("groups", 1)))
-    gram = cross = None
+    groups = 1 if call["linear"] else call["groups"]
+    gram = torch.zeros(groups, features, features, dtype=torch.float64, device=x_q.device)
+    cross = torch.zeros_like(gram)
     for start in range(0, len(rows), step):
         chunk = rows[start:start + step]
         pq, pa = _patches(call, x_q, chunk), _patches(call, x_ann, chunk)
-        g = torch.bmm(pq.transpose(1, 2), pq).double()
-        c = torch.bmm(pq.transpose(1, 2), pa).double()
-        gram = g if gram is None else gram + g
-        cross = c if cross is None else cross + c
-    return distributed.reduce_sum(gram), distributed.reduce_sum(cross)
+        gram += torch.bmm(pq.transpose(1, 2), pq).double()
+        cross += torch.bmm(pq.transpose(1, 2), pa).double()
+    return gram, cross
 
 
-def _differs(x_q: Tensor, x_ann: Tensor) -> bool:
-    """Whether the layer's input differs between the halves on any process (the first layer sees the image
-    on all of them: nothing to fit). Every process must take the same branch, or the all-reduce hangs."""
-    local = torch.tensor([0.0 if torch.equal(x_q, x_ann) else 1.0], device=x_q.device)
-    return bool(distributed.reduce_max(local).item())
-
-
-def _numeric_padding(padding: str, weight: Tensor, dilation) -> tuple[int, int]:
+def _numeric_padding(padding: str, weight: Tensor, dilation) -> tuple[int, int] | None:
     if padding == "valid":
         return (0, 0)
     dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
@@ -133,60 +135,92 @@ def solve(gram: Tensor, cross: Tensor, weight: Tensor, bias: Tensor | None, ridg
     return new[..., :-1].reshape(weight.shape).to(weight.dtype), new[..., -1].reshape(-1).to(weight.dtype)
 
 
-class _Refit(TorchFunctionMode):
-    """Refits each watched conv/linear call on the pair of halves, then runs each half with its weights."""
-
-    def __init__(self, layers: Mapping[str, nn.Module], half: int):
-        super().__init__()
-        self.by_weight = {id(m.weight): name for name, m in layers.items()}
-        self.half = half
-        self.fitted: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        linear = func is F.linear
-        if not (linear or func is F.conv2d or func is torch.conv2d) or len(args) < 2 \
-                or id(args[1]) not in self.by_weight:
-            return func(*args, **kwargs)
-        call = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "bias": None}
-        call.update(zip(_ARGS, args))
-        call.update(kwargs)
-        call["linear"] = linear
-        if isinstance(call["padding"], str):  # F.conv2d's "same"/"valid": the gather needs numbers
-            call["padding"] = _numeric_padding(call["padding"], call["weight"], call["dilation"])
-        name = self.by_weight[id(args[1])]
-        x = call["input"]
-        x_q, x_ann = x[: self.half], x[self.half:]
-        weight, bias = call["weight"], call["bias"]
-        if name not in self.fitted and call["padding"] is not None and _differs(x_q, x_ann):
-            gram, cross = normal_equations(call, x_q, x_ann)
-            self.fitted[name] = solve(gram, cross, weight.detach(), None if bias is None else bias.detach())
-        if call["padding"] is None:
-            return func(*args, **kwargs)
-        new_weight, new_bias = self.fitted.get(name, (weight, bias))
-        return torch.cat([self._apply(call, x_q, new_weight, new_bias), self._apply(call, x_ann, weight, bias)])
-
-    @staticmethod
-    def _apply(call: dict[str, Any], x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if call["linear"]:
-            return F.linear(x, weight, bias)
-        return F.conv2d(x, weight, bias, call["stride"], call["padding"], call["dilation"], call["groups"])
+def parse_call(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """The arguments of a conv2d or linear call (numeric padding), or None for anything else or a "same"
+    padding the patch gather cannot express."""
+    linear = func is F.linear
+    if not (linear or func is F.conv2d or func is torch.conv2d) or len(args) < 2:
+        return None
+    call = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "bias": None}
+    call.update(zip(_ARGS, args))
+    call.update(kwargs)
+    call["linear"] = linear
+    if isinstance(call["padding"], str):  # F.conv2d's "same"/"valid": the gather needs numbers
+        call["padding"] = _numeric_padding(call["padding"], call["weight"], call["dilation"])
+    return None if call["padding"] is None else call
 
 
-def refit_layers(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor],
-                 progress: Progress = None) -> dict[str, Any]:
-    """The `refit` calibration: `fit` for the sites and least squares for the layers, in one paired pass."""
+def apply_call(call: dict[str, Any], x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if call["linear"]:
+        return F.linear(x, weight, bias)
+    return F.conv2d(x, weight, bias, call["stride"], call["padding"], call["dilation"], call["groups"])
+
+
+class _Calls(LayerCalls):
+    parse = staticmethod(parse_call)
+    apply = staticmethod(apply_call)
+
+
+class LayerPoint(Point):
+    """A conv/linear layer of `refit`: sums the normal equations over sampled output positions, then solves.
+    A layer whose two halves never differ (it sees the image itself) keeps its weights."""
+
+    def __init__(self, name: str, module: nn.Module, num_images: int):
+        self.name = name
+        self.module = module
+        self.num_images = num_images
+        self.gram: Tensor | None = None
+        self.cross: Tensor | None = None
+        self.differs = False
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+        self.fitted: tuple[Tensor, Tensor] | None = None
+
+    def collect(self, x_q: Tensor, x_ann: Tensor, keys: list[bytes], call: dict[str, Any] | None = None) -> None:
+        self.weight = call["weight"].detach()
+        self.bias = None if call["bias"] is None else call["bias"].detach()
+        self.differs = self.differs or not torch.equal(x_q, x_ann)
+        dims = _positions(call, x_q)
+        positions = dims[0] // max(x_q.shape[0], 1) if call["linear"] else dims[1] * dims[2]
+        rows = sample_index(keys, self.name, positions, wanted_rows(call, positions, self.num_images), x_q.device)
+        gram, cross = normal_equations(call, x_q, x_ann, rows)
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.cross = cross if self.cross is None else self.cross + cross
+
+    def finish(self) -> None:
+        # every process takes the same branch, or the all-reduce below would hang
+        local = torch.tensor([1.0 if self.differs else 0.0, 1.0 if self.gram is not None else 0.0])
+        differs, present = distributed.reduce_max(local).tolist()
+        if not differs or not present:
+            return
+        weight = self.weight if self.weight is not None else self.module.weight.detach()
+        bias = self.bias if self.weight is not None else (None if self.module.bias is None else self.module.bias.detach())
+        if self.gram is None:  # this process saw no images: it adds nothing to the sums
+            features = weight[0].numel() + 1
+            groups = getattr(self.module, "groups", 1)
+            self.gram = torch.zeros(groups, features, features, dtype=torch.float64, device=weight.device)
+            self.cross = torch.zeros_like(self.gram)
+        gram, cross = distributed.reduce_sum(self.gram), distributed.reduce_sum(self.cross)
+        self.fitted = solve(gram, cross, weight, bias)
+        self.gram = self.cross = None
+
+
+def refit_layers(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatches, budget: int,
+                 progress: Progress) -> dict[str, Any]:
+    """The `refit` calibration: `fit` for the sites and least squares for the layers, in the paired pass."""
+    num_images = distributed.reduce_count(batches.num_images)
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(getattr(m, "weight", None), nn.Parameter)}
-    images = paired_images(model, modules, batches)
-    mode = _Refit(layers, images.shape[0])
-    paired_pass(model, modules, images, progress, mode)
+    points = {id(m.weight): LayerPoint(name, m, num_images) for name, m in layers.items()}
+    paired = PairedPass(model, site_points(modules, num_images), points, _Calls())
+    notes = run_paired(paired, batches, budget, progress, "refit")
+    fitted = {p.name: p.fitted for p in points.values() if p.fitted is not None}
     with torch.no_grad():
-        for name, (weight, bias) in mode.fitted.items():
+        for name, (weight, bias) in fitted.items():
             layer = layers[name]
             layer.weight.copy_(weight)
             if layer.bias is None:
                 layer.bias = nn.Parameter(bias.clone())
             else:
                 layer.bias.copy_(bias)
-    return {"fit_images": distributed.reduce_count(images.shape[0]), "refit_layers": len(mode.fitted)}
+    return {"fit_images": num_images, "refit_layers": len(fitted), "fit_schedule": notes["schedule"]}

@@ -7,7 +7,7 @@ class the ANN itself predicts moves by
 
 where g is the gradient of that log-probability with respect to the site's output (one backward pass
 serves every site) and e_L the site's quantization error at L levels, thresholds at the recorded channel
-maxima. Its mean square over the calibration images, S_s(L) = E[d_s(L)^2], is the site's sensitivity: the
+maxima. Its mean square over all the calibration images, S_s(L) = E[d_s(L)^2], is the site's sensitivity: the
 same Fisher-weighted error the expected KL divergence between ANN and quantized network grows with. The
 ANN's own prediction stands in for a label, so no label is needed.
 
@@ -18,6 +18,7 @@ largest gain per added neuron until the extra neurons would exceed `budget` time
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -25,80 +26,87 @@ from torch import Tensor, nn
 
 from . import distributed
 from . import functional as PF
+from .memory import TensorMeter
 from .sites import Site
 
-Progress = Callable[[], None] | None
+Progress = Callable[[], None]
 
-#: Images per forward/backward: the site outputs and their gradients are all held at once.
-CHUNK_IMAGES = 16
-#: The estimate uses at most this many calibration images.
-MAX_IMAGES = 256
+#: At most this many images per forward/backward (fewer when the memory budget says so).
+MAX_CHUNK_IMAGES = 64
 
 
-def image_chunks(batches: Iterable[Tensor], limit: int = MAX_IMAGES) -> list[Tensor]:
-    """The first `limit` calibration images, in chunks of at most CHUNK_IMAGES."""
-    chunks, count = [], 0
-    for x in batches:
-        for chunk in x[: limit - count].split(CHUNK_IMAGES):
-            chunks.append(chunk)
-        count += min(x.shape[0], limit - count)
-        if count >= limit:
-            break
-    return chunks
+class _Sensitivity:
+    """Accumulates S_site(L) over chunks of images (one forward and backward each)."""
+
+    def __init__(self, model: nn.Module, sites: Sequence[Site], channel_max: Mapping[str, Tensor],
+                 resolutions: Sequence[int]):
+        self.model, self.sites, self.resolutions = model, list(sites), list(resolutions)
+        self.device = next(model.parameters()).device
+        self.theta = {}
+        for site in self.sites:
+            theta = channel_max[site.name].to(self.device).float().clamp_min(1e-6)
+            self.theta[site.name] = theta if site.cap is None else theta.clamp(max=site.cap)
+        self.totals = torch.zeros(len(self.sites), len(self.resolutions), dtype=torch.float64)
+        self.neurons: dict[str, int] = {}
+        self.images = 0
+
+    def add(self, x: Tensor) -> None:
+        captured: dict[str, tuple[Tensor, Tensor]] = {}
+
+        def tap(name: str):
+            def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+                captured[name] = (inputs[0].detach(), output)
+            return hook
+
+        handles = [self.model.get_submodule(s.name).register_forward_hook(tap(s.name)) for s in self.sites]
+        try:
+            with torch.enable_grad():
+                x = x.to(self.device).detach().requires_grad_(True)  # every site output joins the graph
+                logits = self.model(x)
+                own = logits.argmax(dim=1, keepdim=True)  # the ANN's prediction stands in for a label
+                log_prob = logits.log_softmax(dim=1).gather(1, own).sum()
+                outputs = [captured[s.name][1] for s in self.sites]
+                grads = torch.autograd.grad(log_prob, outputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        with torch.no_grad():
+            for i, (site, g) in enumerate(zip(self.sites, grads)):
+                x_in, y = captured[site.name][0], outputs[i].detach()
+                self.neurons[site.name] = y[0].numel()
+                theta = self.theta[site.name]
+                zero = torch.zeros_like(theta)
+                for j, levels in enumerate(self.resolutions):
+                    error = PF.qcfs(x_in, theta, zero, zero, levels) - y
+                    shift = (g * error).flatten(1).sum(dim=1, dtype=torch.float64)
+                    self.totals[i, j] += (shift * shift).sum().cpu()
+        self.images += x.shape[0]
 
 
 def site_sensitivity(model: nn.Module, sites: Sequence[Site], channel_max: Mapping[str, Tensor],
-                     chunks: Sequence[Tensor], resolutions: Sequence[int], progress: Progress = None,
-                     ) -> tuple[dict[tuple[str, int], float], dict[str, int]]:
-    """({(site, L): S_site(L)} for every L in `resolutions`, {site: neurons per image}), over the images of
-    `chunks` (image_chunks), one progress tick per chunk.
+                     batches: Iterable[Tensor], resolutions: Sequence[int], budget: int,
+                     progress: Progress | None = None) -> tuple[dict[tuple[str, int], float], dict[str, int]]:
+    """({(site, L): S_site(L)} for every L in `resolutions`, {site: neurons per image}), over every image of
+    `batches`, in chunks as large as `budget` allows (measured on one image), one tick per batch.
 
     `model` is the ANN with its activations in place (the sites' modules); it is not modified."""
-    device = next(model.parameters()).device
-    captured: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def tap(name: str):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            captured[name] = (inputs[0].detach(), output)
-        return hook
-
-    handles = [model.get_submodule(s.name).register_forward_hook(tap(s.name)) for s in sites]
-    totals = torch.zeros(len(sites), len(resolutions), dtype=torch.float64)
-    neurons: dict[str, int] = {}
-    images = 0
-    try:
-        for x in chunks:
-            captured.clear()
-            with torch.enable_grad():
-                x = x.to(device).detach().requires_grad_(True)  # every site output joins the graph
-                logits = model(x)
-                own = logits.argmax(dim=1, keepdim=True)  # the ANN's prediction stands in for a label
-                log_prob = logits.log_softmax(dim=1).gather(1, own).sum()
-                outputs = [captured[s.name][1] for s in sites]
-                grads = torch.autograd.grad(log_prob, outputs)
-            with torch.no_grad():
-                for i, (site, g) in enumerate(zip(sites, grads)):
-                    x_in, y = captured[site.name][0], outputs[i].detach()
-                    neurons[site.name] = y[0].numel()
-                    theta = channel_max[site.name].to(device).float().clamp_min(1e-6)
-                    if site.cap is not None:
-                        theta = theta.clamp(max=site.cap)
-                    zero = torch.zeros_like(theta)
-                    for j, levels in enumerate(resolutions):
-                        error = PF.qcfs(x_in, theta, zero, zero, levels) - y
-                        shift = (g * error).flatten(1).sum(dim=1, dtype=torch.float64)
-                        totals[i, j] += (shift * shift).sum().cpu()
-            images += x.shape[0]
-            if progress:
-                progress()
-    finally:
-        for handle in handles:
-            handle.remove()
-    totals = distributed.reduce_sum(totals.to(device)).cpu()
-    count = max(distributed.reduce_count(images), 1)
+    estimate = _Sensitivity(model, sites, channel_max, resolutions)
+    batches = iter(batches)
+    first = next(batches)
+    meter = TensorMeter()
+    with meter:
+        estimate.add(first[:1])
+    chunk = int(max(1, min(MAX_CHUNK_IMAGES, budget // max(meter.peak, 1))))
+    for x in itertools.chain([first[1:]], batches):
+        for part in x.split(chunk) if x.shape[0] else ():
+            estimate.add(part)
+        if progress:
+            progress()
+    totals = distributed.reduce_sum(estimate.totals.to(estimate.device)).cpu()
+    count = max(distributed.reduce_count(estimate.images), 1)
     sensitivity = {(s.name, L): float(totals[i, j]) / count
                    for i, s in enumerate(sites) for j, L in enumerate(resolutions)}
-    return sensitivity, neurons
+    return sensitivity, estimate.neurons
 
 
 def choose_populated(sites: Sequence[Site], sensitivity: Mapping[tuple[str, int], float],

@@ -62,17 +62,27 @@ def population_summary(calibration: Calibration, time_steps: list[int]) -> str:
     return "; ".join(parts) or "none"
 
 
+MEMORY_KEYS = ("memory_budget_mb", "peak_tensor_mb", "peak_rss_mb")
+
+
+def memory_summary(provenance: dict) -> str:
+    """One line: what the calibration held at its peak, against its budget."""
+    return (f"peak {provenance['peak_tensor_mb'] / 1024:.2f} GiB of tensors (budget "
+            f"{provenance['memory_budget_mb'] / 1024:.2f} GiB), process peak {provenance['peak_rss_mb'] / 1024:.2f} GiB")
+
+
 def calibrate_on_folder(model: nn.Module, data_config: dict[str, Any], data: Path, time_steps: list[int],
                         threshold: str, method: str, num_images: int | None, batch_size: int, seed: int,
                         workers: int, progress: RichProgress, extra: dict[str, Any],
-                        encoding_levels: int, population_budget: float) -> Calibration:
+                        encoding_levels: int, population_budget: float, memory_budget: int | None) -> Calibration:
     """Calibrate `model` on images of the folder `data`; provenance says where everything came from."""
     torch.manual_seed(seed)
     loader = make_loader(data, data_config, batch_size, num_images, seed, workers, cap=DEFAULT_CALIBRATION_IMAGES,
                          labelled=False)
     calibration = run_calibrate(model, FirstPassProgress(loader, progress), time_steps=time_steps,
                                 threshold=threshold, method=method, progress=progress,
-                                encoding_levels=encoding_levels, population_budget=population_budget)
+                                encoding_levels=encoding_levels, population_budget=population_budget,
+                                memory_budget=memory_budget)
     calibration.data_config = dict(data_config)
     calibration.provenance.update({"data": str(data), "seed": seed, **extra})
     return calibration
@@ -98,7 +108,8 @@ def calibrate_on_folder(model: nn.Module, data_config: dict[str, Any], data: Pat
 @debug_option
 def calibrate(model: str, data: Path, output: Path, time_steps: list[int], checkpoint: Path | None,
               num_classes: int | None, random_weights: bool, num_images: int | None, batch_size: int, seed: int, workers: int,
-              threshold: str, method: str, encoding_levels: int, population_budget: float, mean, std, input_size,
+              threshold: str, method: str, encoding_levels: int, population_budget: float, memory_budget: int | None,
+              mean, std, input_size,
               device: str, force: bool,
               as_json: bool) -> None:
     """Record thresholds and DA calibration statistics of MODEL on the images in --data.
@@ -115,7 +126,7 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
         calibration = calibrate_on_folder(net, data_config, data, time_steps, threshold, method, num_images,
                                           batch_size, seed, workers, progress,
                                           {"checkpoint": checkpoint.name if checkpoint else None}, encoding_levels,
-                                          population_budget)
+                                          population_budget, memory_budget)
         path = save_calibration(calibration, output, force=force) if distributed.is_main() else output
         distributed.barrier()  # rank 0 has written the file before any rank reads it
     doc = {
@@ -138,6 +149,7 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
         "device": str(dev),
         "weights_sha256": calibration.provenance["weights_sha256"],
         "seconds": round(time.perf_counter() - started, 3),
+        **{key: calibration.provenance[key] for key in MEMORY_KEYS},
     }
 
     def render(console) -> None:
@@ -153,6 +165,7 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
             ("input", f"{'x'.join(map(str, data_config['input_size']))}, mean {tuple(data_config['mean'])}, "
                       f"std {tuple(data_config['std'])}"),
             ("time", f"{doc['seconds']:.1f} s on {dev}"),
+            ("memory", memory_summary(calibration.provenance)),
         ], title=f"Calibration written to {path} ({human_bytes(doc['bytes'])})"))
 
     out.result(doc, render)

@@ -19,7 +19,7 @@ from .options import (DEFAULT_CALIBRATION_IMAGES, TimeSteps, calibration_method_
 
 DEFAULT_T = 8
 CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", "threshold", "method", "encoding_levels",
-                       "population_budget",
+                       "population_budget", "memory_budget",
                        "mean", "std", "input_size"]
 
 
@@ -49,7 +49,8 @@ CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", "threshold
 def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | None, output: Path,
             time_steps: int | None, neuron: str, checkpoint: Path | None, num_classes: int | None,
             random_weights: bool, num_images: int | None, batch_size: int, seed: int, workers: int, threshold: str, method: str,
-            encoding_levels: int, population_budget: float, mean, std, input_size, device: str, force: bool,
+            encoding_levels: int, population_budget: float, memory_budget: int | None, mean, std, input_size,
+            device: str, force: bool,
             as_json: bool) -> None:
     """Convert MODEL into a spiking network with T time steps and write it to one safetensors file.
 
@@ -84,7 +85,7 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
             calibration = calibrate_on_folder(net, data_config, data, [time_steps], threshold, method, num_images,
                                               batch_size, seed, workers, progress,
                                               {"checkpoint": checkpoint.name if checkpoint else None},
-                                              encoding_levels, population_budget)
+                                              encoding_levels, population_budget, memory_budget)
             source = f"{calibration.provenance.get('num_images')} images from {data} (seed {seed})"
         snn = build_snn(net, calibration, time_steps, neuron)
         snn.info.source = net.pconv_source  # how this model was built, whatever the calibration recorded

@@ -13,6 +13,7 @@ from ..calibrate import CALIBRATIONS
 from ..data import image_dataset, resolve_config, subset
 from .. import distributed
 from ..errors import ConfigError
+from ..memory import GiB, default_budget, parse_budget
 from ..neurons import ENGINES, NEURONS
 from ..pipeline import (DEFAULT_CALIBRATION, DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET, DEFAULT_THRESHOLD,
                         MAX_TIME_STEPS, check_time_steps)
@@ -171,7 +172,25 @@ def threshold_option(f: Callable) -> Callable:
                              "e.g. percentile:99.99.")(f)
 
 
+class MemorySize(click.ParamType):
+    """`4GiB`, `512M`, `2.5G` -> bytes."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_budget(value)
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
+
+
 def calibration_method_option(f: Callable) -> Callable:
+    f = click.option("--memory-budget", type=MemorySize(), default=None,
+                     help="Most memory calibration holds beyond the model and one batch, e.g. 4GiB [default: a "
+                          f"fifth of this machine's memory, {default_budget() / GiB:.1f} GiB]; past it pconv "
+                          "recomputes instead of holding.")(f)
     f = click.option("--population-budget", type=click.FloatRange(0.0, 100.0), default=DEFAULT_POPULATION_BUDGET,
                      show_default=True,
                      help="Also population-code the hidden sites whose quantization costs the most accuracy per "
