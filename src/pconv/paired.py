@@ -11,7 +11,9 @@ forward may go past it. Two schedules give the same result:
   forward reaches it;
 - rounds, when it does not: for point r, every chunk of images runs forward until point r (the earlier
   points applied), adding its share to point r's statistics; then point r is fitted. Memory is one
-  chunk's; the cost is one truncated pass over the images per point.
+  chunk's. So that a round does not recompute the whole network before its point, each chunk's tensor at
+  the latest cut before the point is kept while the budget allows, and the next rounds resume there
+  (`_Cuts`): a cut is the input of a child of an nn.Sequential, which nothing but that child reads.
 
 What a point keeps of the images is a sample chosen by each image's own content (sampling.py) and sums
 over it, so both schedules, any batching and any number of processes see the same sample.
@@ -77,12 +79,15 @@ class PairedPass:
         self.active: Point | None = None
         self.keys: list[bytes] = []
         self.on_fitted: Callable[[], None] | None = None
+        self.cuts = _Cuts(model)
+        self.chains: dict[int, tuple] = {}  # id(point) -> its cut chain (found in discovery)
 
     def reached(self, point: Point, x_q: Tensor, x_ann: Tensor, call: dict[str, Any] | None = None) -> bool:
         """Gather or fit `point` as the schedule says; True once it is fitted (it then applies itself)."""
         if self.schedule == "discover":
             if point not in self.order:
                 self.order.append(point)
+                self.chains[id(point)] = self.cuts.where()
             return False
         if point.done:
             return True
@@ -120,10 +125,10 @@ class PairedPass:
             for module in self.sites:
                 module.bypass = False
 
-    def _forward(self, images: Tensor) -> None:
+    def _forward(self, images: Tensor, chunk: int | None = None) -> None:
         self.keys = image_keys(images)
         images = images.to(self.device, non_blocking=True)
-        with torch.no_grad():
+        with torch.no_grad(), self.cuts.resumed(chunk):
             try:
                 self.model(torch.cat([images, images]))
             except _Stop:
@@ -131,10 +136,11 @@ class PairedPass:
 
     def discover(self, example: Tensor) -> int:
         """The points' execution order, from one image; returns the tensor bytes that pass held at its peak."""
-        self.schedule, self.order = "discover", []
+        self.schedule, self.order, self.chains = "discover", [], {}
         meter = TensorMeter()
-        with self._hooks(), meter:
+        with self._hooks(), meter, self.cuts.tracking():
             self._forward(example[:1])
+        self.chains = {key: self.cuts.usable(chain) for key, chain in self.chains.items()}
         return meter.peak
 
     def fit_in_one_pass(self, images: Tensor) -> None:
@@ -142,17 +148,146 @@ class PairedPass:
         with self._hooks():
             self._forward(images)
 
-    def fit_in_rounds(self, chunks: Callable[[], Iterator[Tensor]], tick: Callable[[], None]) -> None:
+    def fit_in_rounds(self, chunks: Callable[[], Iterator[Tensor]], tick: Callable[[], None],
+                      cache_bytes: int = 0) -> None:
+        """One round per point; each chunk resumes from the latest cut kept for it, and keeps the cut before
+        the round's point (at most `cache_bytes` in all)."""
         self.schedule = "round"
+        self.cuts.limit = cache_bytes
         with self._hooks():
             for point in self.order:
                 self.active = point
-                for chunk in chunks():
-                    self._forward(chunk)
+                with self.cuts.recording(self.chains.get(id(point), ())):
+                    for index, chunk in enumerate(chunks()):
+                        self._forward(chunk, index)
                 point.finish()
                 point.done = True
                 tick()
         self.active = None
+        self.cuts.clear()
+
+
+Chain = tuple  # ((nn.Sequential, child index), ...): each Sequential the child of the one before, outermost first
+
+
+class _Cuts:
+    """Where a forward can resume: the input of a child of an nn.Sequential (the child reads nothing else, and
+    nothing else reads what the Sequential's earlier children computed).
+
+    A chain names the cut: the Sequential, the child index, and, when that child is itself a Sequential,
+    the child within it, and so on. To resume at a chain, each Sequential on it skips the children before
+    the index and the innermost one starts from the kept tensor. Discovery (`tracking`) records, at each
+    point, the chain of Sequential children it runs in; a round (`recording`) keeps, per chunk, the input at
+    the chain of its point, and later rounds resume there (`resumed`)."""
+
+    def __init__(self, model: nn.Module):
+        self.sequentials = [m for m in model.modules()
+                            if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward]
+        self.stack: list[tuple[nn.Sequential, int]] = []
+        self.calls: dict[int, int] = {}
+        self.chain: Chain = ()  # the cut the kept tensors are at
+        self.kept: dict[int, Tensor] = {}
+        self.kept_bytes = 0
+        self.limit = 0
+        self._recording: dict[int, Tensor] | None = None
+        self._record_chain: Chain = ()
+        self._chunk: int | None = None
+
+    def where(self) -> Chain:
+        return tuple(self.stack)
+
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[None]:
+        """During discovery: the stack of running Sequential children, and how often each Sequential runs."""
+        handles = []
+        self.calls = {}
+        for seq in self.sequentials:
+            handles.append(seq.register_forward_pre_hook(self._count))
+            for index, child in enumerate(seq):
+                handles.append(child.register_forward_pre_hook(
+                    lambda m, i, seq=seq, index=index: self.stack.append((seq, index))))
+                handles.append(child.register_forward_hook(lambda m, i, o: self.stack.pop() and None))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.stack = []
+
+    def _count(self, module: nn.Module, inputs: tuple) -> None:
+        self.calls[id(module)] = self.calls.get(id(module), 0) + 1
+
+    def usable(self, chain: Chain) -> Chain:
+        """The longest prefix of `chain` that is a cut: Sequentials run once per forward, each the direct child
+        of the one before, at children that are distinct modules."""
+        out = []
+        for seq, index in chain:
+            if self.calls.get(id(seq)) != 1 or sum(c is seq[index] for c in seq) != 1:
+                break
+            if out and out[-1][0][out[-1][1]] is not seq:
+                break
+            out.append((seq, index))
+        return tuple(out)
+
+    @contextlib.contextmanager
+    def recording(self, chain: Chain) -> Iterator[None]:
+        """For one round: keep each chunk's input at `chain` (unless the kept tensors are already there)."""
+        if not chain or chain == self.chain or self.limit <= 0:
+            yield
+            return
+        seq, index = chain[-1]
+        recorded: dict[int, Tensor] = {}
+        used = [0]
+
+        def keep(module, inputs):
+            x = inputs[0] if inputs else None
+            if isinstance(x, Tensor) and self._chunk is not None and used[0] + x.numel() * x.element_size() \
+                    <= self.limit:
+                recorded[self._chunk] = x.clone()
+                used[0] += x.numel() * x.element_size()
+
+        handle = seq[index].register_forward_pre_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+        self.kept, self.kept_bytes, self.chain = recorded, used[0], chain
+
+    @contextlib.contextmanager
+    def resumed(self, chunk: int | None) -> Iterator[None]:
+        """Run the forward of chunk `chunk` from its kept cut, when there is one."""
+        self._chunk = chunk
+        x = self.kept.get(chunk) if chunk is not None else None
+        if x is None:
+            yield
+            return
+        patched = []
+        for level, (seq, index) in enumerate(self.chain):
+            start = x if level == len(self.chain) - 1 else None
+            seq.forward = _resume_at(seq, index, start)
+            patched.append(seq)
+        try:
+            yield
+        finally:
+            for seq in patched:
+                del seq.forward
+
+    def clear(self) -> None:
+        self.kept, self.kept_bytes, self.chain = {}, 0, ()
+
+
+def _resume_at(seq: nn.Sequential, index: int, start: Tensor | None) -> Callable:
+    """A forward for `seq` that ignores its input: it runs children index.. from `start`, or, when `start` is
+    None, from what child `index` (a Sequential resumed in turn) returns."""
+    children = list(seq)
+
+    def forward(*args, **kwargs):
+        out = start if start is not None else children[index](None)
+        for child in children[index + (0 if start is not None else 1):]:
+            out = child(out)
+        return out
+
+    return forward
 
 
 class _LayerMode(TorchFunctionMode):
@@ -185,7 +320,8 @@ def run_paired(paired: PairedPass, batches: ImageBatches, budget: int, progress:
     local = batches.num_images
     fits = local > 0 and local * (per_image + tensor_bytes(first[0])) <= budget
     one_pass = not distributed.reduce_any(not fits)
-    chunk = max(1, int(budget // per_image))
+    room = max(budget - batches.held_bytes, 0)
+    chunk = max(1, int(room // 2 // per_image))  # half the room for a chunk's pass, half for the kept cuts
     if one_pass:
         paired.on_fitted = progress.stage(f"{label}: {len(paired.order)} points in one pass", len(paired.order))
         paired.fit_in_one_pass(torch.cat(list(batches)))
@@ -195,6 +331,6 @@ def run_paired(paired: PairedPass, batches: ImageBatches, budget: int, progress:
                 yield from x.split(chunk)
 
         tick = progress.stage(f"{label}: {len(paired.order)} points, one pass each", len(paired.order))
-        paired.fit_in_rounds(chunks, tick)
+        paired.fit_in_rounds(chunks, tick, cache_bytes=room // 2)
     paired.on_fitted = None
     return {"schedule": "one pass" if one_pass else f"rounds of {chunk} images"}
