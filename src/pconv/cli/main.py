@@ -16,6 +16,7 @@ import click
 from .. import distributed
 from ..errors import PconvError
 from ..fileio import Terminated, raise_terminated
+from ..memory import retain_freed_memory
 from ..version import __version__
 from .options import DEBUG_KEY, debug_option
 
@@ -124,6 +125,7 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (`pconv`) and `python -m pconv` (also under torchrun)."""
+    retain_freed_memory()  # a command's large tensors come and go: reuse their memory (pconv.memory)
     started = distributed.init_from_environment()
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
