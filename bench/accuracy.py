@@ -35,8 +35,9 @@ import realdata  # noqa: E402
 import shared_data as sd  # noqa: E402
 
 import pconv  # noqa: E402
-from pconv import data as pdata  # noqa: E402
-from pconv.pipeline import DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET, data_config_of  # noqa: E402
+from pconv.data import folders as pdata  # noqa: E402
+from pconv.config import DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET
+from pconv.data.config import data_config_of  # noqa: E402
 
 STEPS = [4, 8, 16, 32]
 PAPER = "max/da/0"

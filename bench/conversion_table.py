@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import realdata  # noqa: E402
 
 import pconv  # noqa: E402
-from pconv.pipeline import DEFAULT_CALIBRATION, DEFAULT_ENCODING_LEVELS, DEFAULT_THRESHOLD  # noqa: E402
+from pconv.config import DEFAULT_ENCODING_LEVELS, DEFAULT_METHOD, DEFAULT_THRESHOLD  # noqa: E402
 
 STEPS = [4, 8, 16, 32]
 
@@ -29,7 +29,7 @@ STEPS = [4, 8, 16, 32]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threshold", default=DEFAULT_THRESHOLD)
-    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION)
+    parser.add_argument("--calibration", default=DEFAULT_METHOD)
     parser.add_argument("--encoding-levels", type=int, default=DEFAULT_ENCODING_LEVELS,
                         help="0 for the paper's network (one neuron per channel everywhere)")
     args = parser.parse_args()

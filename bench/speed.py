@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import pconv
-from pconv.benchmark import BENCH_ENGINES, benchmark
+from pconv.measure.benchmark import BENCH_ENGINES, BenchConfig, benchmark
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = pconv.create_model(args.model).to(args.device)
+    model = pconv.create_model(args.model, random_weights=True).to(args.device)  # speed only
     size = (3, args.img_size, args.img_size)
     calib = [torch.randn(8, *size, device=args.device) for _ in range(2)]
     steps = [int(t) for t in args.steps.split(",")]
@@ -47,10 +47,11 @@ def main() -> None:
     runs = []
     for T in steps:
         snn = pconv.convert(model, calibration, time_steps=T)
-        result = benchmark(snn, size, batch_size=args.batch_size, device=args.device,
-                           engines=tuple(args.engines.split(",")), precision=args.precision,
-                           channels_last=args.channels_last, cuda_graph=args.cuda_graph, compile=args.compile,
-                           warmup=args.warmup, rounds=args.rounds, iters=args.iters, latency_iters=2 * args.iters)
+        config = BenchConfig(batch_size=args.batch_size, device=args.device, engines=tuple(args.engines.split(",")),
+                             precision=args.precision, channels_last=args.channels_last, cuda_graph=args.cuda_graph,
+                             compile=args.compile, warmup=args.warmup, rounds=args.rounds, iters=args.iters,
+                             latency_iters=2 * args.iters)
+        result = benchmark(snn, size, config)
         runs.append(result.to_dict())
         for e in result.engines:
             print(f"T={T:3d} {e.engine:7s} {e.samples_per_sec:9.1f} img/s  batch {e.step_time_ms:9.1f} ms  "

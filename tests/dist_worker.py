@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 import nets
 import pconv
-from pconv import distributed
+from pconv.utils import distributed
 
 N_IMAGES = 37
 

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import shared_data as sd
-from pconv import data, zoo
-from pconv.pipeline import data_config_of
+from pconv import zoo
+from pconv.data import folders as data
+from pconv.data.config import data_config_of
 
 MODELS = {
     "cifar10_resnet20_akamaster": zoo.cifar10_resnet20,

@@ -11,7 +11,7 @@ import torch
 
 import pconv
 import realdata
-from pconv.pipeline import DEFAULT_CALIBRATION, DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET, DEFAULT_THRESHOLD
+from pconv.config import DEFAULT_ENCODING_LEVELS, DEFAULT_METHOD, DEFAULT_POPULATION_BUDGET, DEFAULT_THRESHOLD
 
 STEPS = [4, 8, 16, 32]
 # measured (docs/accuracy.md, max/auto, 64 encoding levels, population budget 0.5): 85.2 / 89.8 / 90.2 / 90.4
@@ -44,10 +44,11 @@ def default_accuracy(model, calib, test):
 @pytest.mark.slow
 def test_default_method_holds_its_measured_accuracy(resnet20):
     model, calib, test = resnet20
-    assert (DEFAULT_THRESHOLD, DEFAULT_CALIBRATION, DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET) == \
+    assert (DEFAULT_THRESHOLD, DEFAULT_METHOD, DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET) == \
         ("max", "auto", 64, 0.5)
     calibration, accs = default_accuracy(model, calib, test)
-    assert calibration.provenance["auto"] == {"4": "max/fit", "8": "max/fit", "16": "mse/none", "32": "mse/none"}
+    assert {T: str(step) for T, step in calibration.config.plan.items()} == {4: "max/fit", 8: "max/fit",
+                                                                             16: "mse/none", 32: "mse/none"}
     assert calibration.provenance["fit_images"] == 1000 and calibration.populations(8)["relu"] == 8
     ann = realdata.top1(model, test)
     assert ann == 90.4
@@ -61,13 +62,14 @@ def test_default_method_holds_its_measured_accuracy(resnet20):
 
 @pytest.mark.slow
 def test_population_coding_of_the_stem_pays_at_low_t(resnet20):
-    """The same `fit` at T=4 with one neuron per stem channel measured 80.5 against 85.1 with eight."""
+    """The same `fit` at T=4 with one neuron per stem channel measured 82.3 against 85.1 with eight (80.5
+    before the search sampled every image alike)."""
     model, calib, test = resnet20
     plain = pconv.calibrate(model, calib, time_steps=[4], method="fit", encoding_levels=0, population_budget=0)
     coded = pconv.calibrate(model, calib, time_steps=[4], method="fit", population_budget=0)
     plain_acc = realdata.top1(pconv.convert(model, plain, time_steps=4), test)
     coded_acc = realdata.top1(pconv.convert(model, coded, time_steps=4), test)
-    assert coded_acc >= plain_acc + 3.0, f"population {coded_acc:.1f} vs one neuron {plain_acc:.1f}"
+    assert coded_acc >= plain_acc + 2.0, f"population {coded_acc:.1f} vs one neuron {plain_acc:.1f}"
 
 
 def kl_from_ann(model, snn, test) -> float:

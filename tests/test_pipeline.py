@@ -9,8 +9,8 @@ import nets
 import pconv
 from pconv.models import replace_weights
 from pconv import ConfigError, DataError, OutputExistsError
-from pconv.calibrate import CALIBRATIONS
-from pconv.quantize import quantize
+from pconv.calibration import CALIBRATIONS
+from pconv.nn.qcfs import QCFSMode, quantize
 
 NETS = {
     "timm_test_resnet": lambda: nets.timm_resnet(),
@@ -76,13 +76,13 @@ def test_da_calibration_matches_exact_means():
         for site in calibration.sites:
             module = net.get_submodule(site.name)
             if tag == "ref":
-                module.mode = "clip"
+                module.mode = QCFSMode.CLIP
 
             def tap(x, y, key=(tag, site.name), module=module):
                 # y with delta_out = 0, as seen during calibration
-                y0 = pconv.functional.qcfs(x, module.theta, module.delta_in, torch.zeros_like(module.delta_out),
+                y0 = pconv.nn.functional.qcfs(x, module.theta, module.delta_in, torch.zeros_like(module.delta_out),
                                            module.levels, population=module.population) \
-                    if module.mode == "quant" else y
+                    if module.mode is QCFSMode.QUANT else y
                 captured.setdefault(key, []).append((x.clone(), y0.clone()))
 
             module.tap = tap
@@ -164,7 +164,7 @@ def test_unknown_names_suggest_close_ones():
     with pytest.raises(ConfigError, match="did you mean 'serial'"):
         pconv.convert(nets.vgg_small(), calib_batches(n=1), time_steps=4, neuron="seriall")
     with pytest.raises(ConfigError, match="did you mean 'da'"):
-        pconv.convert(nets.vgg_small(), calib_batches(n=1), time_steps=4, calibration="daa")
+        pconv.convert(nets.vgg_small(), calib_batches(n=1), time_steps=4, method="daa")
     with pytest.raises(ConfigError, match="unknown engine"):
         pconv.convert(nets.vgg_small(), calib_batches(n=1), time_steps=4).set_engine("gpu")
 
@@ -223,7 +223,7 @@ def test_save_refuses_to_overwrite(tmp_path):
 
 
 def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
-    import pconv.export as export
+    import pconv.files.export as export
 
     snn = pconv.convert(nets.vgg_small(), calib_batches(n=1), time_steps=4)
 

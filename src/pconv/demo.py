@@ -21,12 +21,14 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import CLASS_MAP_FILE, image_loader
+from .data.config import data_config_of
+from .data.folders import CLASS_MAP_FILE, image_loader
 from .errors import DataError
-from .evaluate import EvalResult, evaluate
-from .models import create_model
-from .pipeline import calibrate, build_snn, data_config_of
-from .progress import NoProgress, Progress
+from .measure.evaluate import evaluate
+from .measure.results import EvalResult
+from .models.source import create_model
+from .pipeline import build_snn, calibrate
+from .utils.progress import NoProgress, Progress
 
 DEMO_MODEL = "pconv.pretrained:tf_efficientnet_lite0"
 DEMO_TIME_STEPS = (8, 16, 32)
@@ -107,7 +109,7 @@ def run_demo(workdir: str | Path, time_steps: Sequence[int] = DEMO_TIME_STEPS, d
     model = create_model(DEMO_MODEL).to(device)
     loader = image_loader(folder, data_config_of(model), batch_size=batch_size)
     images = [x for x, _ in loader]
-    calibration = calibrate(model, images, time_steps=list(time_steps), progress=progress)
+    calibration = calibrate(model, images, time_steps=tuple(time_steps), progress=progress)
     result = DemoResult(DEMO_MODEL, len(loader.dataset), calibration.provenance.get("calibration_seconds", 0.0))
     for T in sorted(set(time_steps)):
         snn = build_snn(model, calibration, T)

@@ -8,11 +8,12 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..benchmark import BENCH_ENGINES, PRECISIONS, BenchResult, benchmark
+from ..measure.benchmark import BENCH_ENGINES, PRECISIONS, BenchConfig, BenchResult, benchmark
 from ..errors import ConfigError
-from ..export import load
-from .options import debug_option, device_option, json_option, resolve_device, trust_factory_option
-from .output import Output
+from ..files.export import load
+from ._loading import resolve_device
+from ._options import debug_option, device_option, json_option, trust_factory_option
+from ._output import Output
 
 
 class EngineList(click.ParamType):
@@ -98,10 +99,10 @@ def bench(snn_file: Path, batch_size: int, engines: tuple[str, ...], precision: 
                 tick()
             started.append(name)
 
-        result = benchmark(snn, input_size, batch_size=batch_size, device=dev, engines=chosen, precision=precision,
-                           channels_last=channels_last, compile=use_compile, cuda_graph=cuda_graph, warmup=warmup,
-                           iters=iters, latency_iters=2 * iters, rounds=rounds, spike_batch_limit=spike_batch_limit,
-                           progress=on_engine)
+        config = BenchConfig(batch_size=batch_size, device=str(dev), engines=chosen, precision=precision,
+                             channels_last=channels_last, compile=use_compile, cuda_graph=cuda_graph, warmup=warmup,
+                             iters=iters, latency_iters=2 * iters, rounds=rounds, spike_batch_limit=spike_batch_limit)
+        result = benchmark(snn, input_size, config, progress=on_engine)
         tick()
     doc = {"file": str(snn_file), **result.to_dict()}
     title = f"{snn_file.name}: {result.model}, T={result.time_steps}, {dev}, {precision}, batch {batch_size}"

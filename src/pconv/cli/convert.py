@@ -7,19 +7,19 @@ from pathlib import Path
 
 import click
 
-from .. import distributed
-from ..export import load_calibration, save
-from ..fileio import check_output
+from ..config import DEFAULT_CALIBRATION_IMAGES, DEFAULT_T
+from ..files.atomic import check_output
+from ..files.export import load_calibration, save
 from ..pipeline import build_snn
-from .calibrate import calibrate_on_folder, encoding_summary, load_model, population_summary
-from .output import Output, human_bytes, key_value_table
-from .options import (DEFAULT_CALIBRATION_IMAGES, TimeSteps, calibration_method_option, check_not_given,
-                      debug_option, device_option, json_option, loader_options, model_label, model_options,
-                      neuron_option, num_images_option, preprocessing_options, resolve_device, threshold_option)
+from ..utils import distributed
+from ._loading import FolderRun, calibrate_on_folder, calibration_config, load_model, model_label, resolve_device
+from ._options import (CALIBRATION_PARAMETERS, TimeSteps, calibration_options, check_not_given, debug_option,
+                       device_option, json_option, loader_options, model_options, neuron_option, num_images_option,
+                       preprocessing_options)
+from ._output import Output, encoding_summary, human_bytes, key_value_table, plan_summary, population_summary
 
-DEFAULT_T = 8
-CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", "threshold", "method", "encoding_levels",
-                       "population_budget", "memory_budget",
+#: What only applies when calibrating from images: refused with --calib, which fixes them.
+CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", *CALIBRATION_PARAMETERS,
                        "mean", "std", "input_size"]
 
 
@@ -38,8 +38,7 @@ CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", "threshold
 @num_images_option(f"Calibration images (--data), drawn with --seed [default: all, at most "
                    f"{DEFAULT_CALIBRATION_IMAGES}].")
 @loader_options(default_batch=64)
-@threshold_option
-@calibration_method_option
+@calibration_options
 @preprocessing_options
 @device_option
 @click.option("--force", "-f", is_flag=True, help="Overwrite the output file if it exists.")
@@ -48,14 +47,12 @@ CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", "threshold
 @click.pass_context
 def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | None, output: Path,
             time_steps: int | None, neuron: str, checkpoint: Path | None, num_classes: int | None,
-            random_weights: bool, num_images: int | None, batch_size: int, seed: int, workers: int, threshold: str, method: str,
-            encoding_levels: int, population_budget: float, memory_budget: int | None, mean, std, input_size,
-            device: str, force: bool,
-            as_json: bool) -> None:
+            random_weights: bool, num_images: int | None, batch_size: int, seed: int, workers: int,
+            threshold: str, method: str, encoding_levels: int, population_budget: float, memory_budget: int | None,
+            mean, std, input_size, device: str, force: bool, as_json: bool) -> None:
     """Convert MODEL into a spiking network with T time steps and write it to one safetensors file.
 
-    Calibrate on the images in --data (thresholds, then DA calibration), or reuse a calibration file made
-    by `pconv calibrate` with --calib.
+    Calibrate on the images in --data, or reuse a calibration file made by `pconv calibrate` with --calib.
     """
     if (calib is None) == (data is None):
         raise click.UsageError("give exactly one of --calib CALIB or --data DIR", ctx=ctx)
@@ -63,10 +60,13 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
         check_not_given(ctx, CALIBRATION_OPTIONS, "only apply when calibrating (--data); the calibration file "
                                                   "already fixes them")
     out = Output(as_json)
+    if data is not None:
+        config = calibration_config([time_steps or DEFAULT_T], threshold, method, encoding_levels, population_budget)
     check_output(output, force)
     started = time.perf_counter()
     dev = resolve_device(device)
-    net, data_config, sites = load_model(model, checkpoint, num_classes, random_weights, dev, mean, std, input_size)
+    net, data_config, sites = load_model(model, checkpoint, num_classes, random_weights, dev,
+                                         dict(mean=mean, std=std, input_size=input_size))
     with out.progress() as progress:
         if calib is not None:
             calibration = load_calibration(calib)
@@ -81,11 +81,10 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
             calibration.provenance["calibration_file"] = calib.name
             source = f"calibration file {calib}"
         else:
-            time_steps = time_steps or DEFAULT_T
-            calibration = calibrate_on_folder(net, data_config, data, [time_steps], threshold, method, num_images,
-                                              batch_size, seed, workers, progress,
-                                              {"checkpoint": checkpoint.name if checkpoint else None},
-                                              encoding_levels, population_budget, memory_budget)
+            time_steps = config.time_steps[0]
+            run = FolderRun(data, num_images, batch_size, seed, workers, memory_budget,
+                            {"checkpoint": checkpoint.name if checkpoint else None})
+            calibration = calibrate_on_folder(net, data_config, config, run, progress)
             source = f"{calibration.provenance.get('num_images')} images from {data} (seed {seed})"
         snn = build_snn(net, calibration, time_steps, neuron)
         snn.info.source = net.pconv_source  # how this model was built, whatever the calibration recorded
@@ -99,8 +98,9 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
         "checkpoint": str(checkpoint) if checkpoint else None,
         "time_steps": time_steps,
         "neuron": neuron,
-        "threshold": calibration.threshold,
-        "calibration": calibration.method,
+        "threshold": snn.info.threshold,
+        "calibration": snn.info.method,
+        "config": calibration.config.to_dict(),
         "encoding_levels": calibration.encoding_levels,
         "populations": {n: m for n, m in calibration.populations(time_steps).items() if m > 1},
         "calibrated_on": source,
@@ -117,8 +117,8 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
             ("T", time_steps),
             ("neuron", neuron),
             ("sites", f"{len(snn.info.sites)} spiking layers, {doc['num_channels']} channels"),
-            ("threshold", calibration.threshold),
-            ("calibration", f"{calibration.method} on {source}"),
+            ("threshold", snn.info.threshold),
+            ("calibration", f"{plan_summary(calibration, [time_steps])} on {source}"),
             ("encoding", encoding_summary(snn.info.sites, [time_steps], calibration.encoding_levels)),
             *([("population", population_summary(calibration, [time_steps]))] if calibration.populated else []),
             ("time", f"{doc['seconds']:.1f} s on {dev}"),

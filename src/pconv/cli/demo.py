@@ -9,8 +9,9 @@ import click
 from rich.table import Table
 
 from ..demo import DEMO_TIME_STEPS, IMAGES_PACKAGE, IMAGES_VERSION, run_demo
-from .output import Output, pct
-from .options import TimeStepsList, debug_option, device_option, json_option, resolve_device
+from ._output import Output, pct
+from ._loading import resolve_device
+from ._options import TimeStepsList, debug_option, device_option, json_option
 
 
 @click.command("demo")

@@ -8,13 +8,14 @@ import click
 import torch
 from rich.table import Table
 
-from ..evaluate import DEFAULT_SOP_IMAGES, EvalResult, evaluate
-from ..export import load
-from ..snn import SpikingNetwork
-from .output import Output, pct, si
-from .options import (apply_overrides, class_map_option, debug_option, device_option, engine_option, json_option,
-                      loader_options, make_loader, neuron_option, num_images_option, preprocessing_options,
-                      resolve_device, trust_factory_option)
+from ..measure.evaluate import DEFAULT_SOP_IMAGES, evaluate
+from ..measure.results import EvalResult
+from ..files.export import load
+from ..nn.network import SpikingNetwork
+from ._output import Output, pct, si
+from ._loading import apply_overrides, make_loader, resolve_device
+from ._options import (class_map_option, debug_option, device_option, engine_option, json_option, loader_options,
+                       neuron_option, num_images_option, preprocessing_options, trust_factory_option)
 
 
 def num_classes_of(snn: SpikingNetwork, data_config: dict) -> int:

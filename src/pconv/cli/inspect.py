@@ -9,9 +9,10 @@ import click
 from rich.table import Table
 
 from ..errors import FormatError
-from ..format import CALIBRATION_TENSORS, NEURON_TENSORS, check_tensor_shapes, read_metadata
-from .output import Output, human_bytes, key_value_table
-from .options import debug_option, json_option
+from ..nn.population import populations
+from ..files.format import CALIBRATION_TENSORS, NEURON_TENSORS, check_tensor_shapes, read_metadata
+from ._output import Output, human_bytes, key_value_table
+from ._options import debug_option, json_option
 
 
 def _theta_stats(path: Path, names: list[str]) -> dict[str, dict[str, float]]:
@@ -46,7 +47,8 @@ def describe(path: Path, thresholds: bool = True) -> dict[str, Any]:
         "time_steps": meta.time_steps[0] if meta.kind == "snn" else list(meta.time_steps),
         "neuron": meta.neuron,
         "threshold": meta.threshold,
-        "calibration": meta.calibration,
+        "calibration": meta.method,
+        "config": meta.config.to_dict() if meta.config else None,
         "encoding_levels": meta.encoding_levels,
         "num_classes": meta.num_classes,
         "data_config": meta.data_config,
@@ -69,7 +71,7 @@ def describe(path: Path, thresholds: bool = True) -> dict[str, Any]:
     out_sites = []
     for site in meta.sites:
         entry = site.to_dict()
-        population = {str(t): site.population(t, meta.encoding_levels, site.name in meta.populated.get(t, ()))
+        population = {str(t): populations([site], t, meta.encoding_levels, meta.populated.get(t, ()))[site.name]
                       for t in steps}
         entry["population"] = population[str(steps[0])] if meta.kind == "snn" else population
         if thresholds and meta.kind == "snn":
@@ -79,6 +81,16 @@ def describe(path: Path, thresholds: bool = True) -> dict[str, Any]:
         out_sites.append(entry)
     doc["sites"] = out_sites
     return doc
+
+
+def _plan(doc: dict[str, Any]) -> str:
+    """For a calibration made with a method that resolves per T (auto): what ran at each T."""
+    config = doc.get("config") or {}
+    plan = config.get("plan", {})
+    if not plan or all(step.endswith(f"/{config.get('method')}") for step in plan.values()):
+        return ""
+    shown = ", ".join(f"{step} at T={T}" for T, step in sorted(plan.items(), key=lambda kv: int(kv[0])))
+    return f" (configured {config['method']}: {shown})" if doc["kind"] == "snn" else f" ({shown})"
 
 
 def render(console, doc: dict[str, Any]) -> None:
@@ -96,7 +108,7 @@ def render(console, doc: dict[str, Any]) -> None:
         rows.append(("neuron", doc["neuron"]))
     rows += [
         ("threshold", doc["threshold"]),
-        ("calibration", doc["calibration"]),
+        ("calibration", doc["calibration"] + _plan(doc)),
         ("encoding levels", doc["encoding_levels"]),
         ("data config", ", ".join(f"{k}={v}" for k, v in sorted(doc["data_config"].items()))),
     ]

@@ -13,12 +13,12 @@ import sys
 
 import click
 
-from .. import distributed
+from ..utils import distributed
 from ..errors import PconvError
-from ..fileio import Terminated, raise_terminated
-from ..memory import retain_freed_memory
+from ..files.atomic import Terminated, raise_terminated
+from ..utils.memory import tune_malloc
 from ..version import __version__
-from .options import DEBUG_KEY, debug_option
+from ._options import DEBUG_KEY, debug_option
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -125,7 +125,8 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (`pconv`) and `python -m pconv` (also under torchrun)."""
-    retain_freed_memory()  # a command's large tensors come and go: reuse their memory (pconv.memory)
+    command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
+    tune_malloc(calibrating=command in ("calibrate", "convert"))  # reuse freed memory (pconv.utils.memory)
     started = distributed.init_from_environment()
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:

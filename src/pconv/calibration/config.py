@@ -1,0 +1,91 @@
+"""One frozen, validated object for every choice of a calibration, and the plan it resolves to at each T.
+
+The defaults come from pconv.config. A CalibrationConfig travels in the Calibration, in calibration files
+and in SNN files (`to_dict`), so a file says exactly what was chosen and what ran at each T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..config import (DEFAULT_BINS, DEFAULT_ENCODING_LEVELS, DEFAULT_METHOD, DEFAULT_POPULATION_BUDGET,
+                      DEFAULT_THRESHOLD, check_bins, check_encoding_levels, check_population_budget,
+                      check_time_step_list)
+from ..errors import ConfigError
+from ..observe.thresholds import ThresholdSpec
+from .methods import CALIBRATIONS
+
+
+@dataclass(frozen=True)
+class Step:
+    """What runs at one T: the threshold method and the calibration method (they differ from the configured
+    ones where a method such as `auto` resolves per T)."""
+
+    threshold: ThresholdSpec
+    method: str
+
+    def __str__(self) -> str:
+        return f"{self.threshold}/{self.method}"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """The choices that decide a calibration's result (how much memory it may use does not)."""
+
+    VERSION: ClassVar[int] = 1
+
+    time_steps: tuple[int, ...] = (8,)
+    threshold: ThresholdSpec = field(default_factory=lambda: ThresholdSpec.parse(DEFAULT_THRESHOLD))
+    method: str = DEFAULT_METHOD
+    encoding_levels: int = DEFAULT_ENCODING_LEVELS
+    population_budget: float = DEFAULT_POPULATION_BUDGET
+    bins: int = DEFAULT_BINS
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "time_steps", tuple(check_time_step_list(self.time_steps)))
+        set_(self, "threshold", ThresholdSpec.parse(self.threshold))
+        method = CALIBRATIONS.get(self.method)  # raises with the valid names
+        set_(self, "encoding_levels", check_encoding_levels(self.encoding_levels))
+        set_(self, "population_budget", check_population_budget(self.population_budget))
+        set_(self, "bins", check_bins(self.bins))
+        if method.check:
+            method.check(self)
+
+    def step(self, time_steps: int) -> Step:
+        """The threshold and method that run at T."""
+        resolve = CALIBRATIONS.get(self.method).resolve
+        threshold, method = resolve(self, time_steps) if resolve else (self.threshold, self.method)
+        return Step(threshold, method)
+
+    @property
+    def plan(self) -> dict[int, Step]:
+        return {T: self.step(T) for T in self.time_steps}
+
+    @property
+    def needs_histogram(self) -> bool:
+        return any(step.threshold.needs_histogram for step in self.plan.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION, "time_steps": list(self.time_steps), "threshold": str(self.threshold),
+            "method": self.method, "encoding_levels": self.encoding_levels,
+            "population_budget": self.population_budget, "bins": self.bins,
+            "plan": {str(T): str(step) for T, step in self.plan.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "CalibrationConfig":
+        """Read a config a file holds (ConfigError naming what is wrong); `plan` is derived, not read."""
+        keys = {"version", "time_steps", "threshold", "method", "encoding_levels", "population_budget", "bins", "plan"}
+        if not isinstance(d, dict) or not {"time_steps", "threshold", "method"} <= set(d) <= keys:
+            raise ConfigError("the calibration config is malformed", "expected the keys of CalibrationConfig")
+        if d.get("version", cls.VERSION) != cls.VERSION:
+            raise ConfigError(f"calibration config version {d.get('version')!r} is not {cls.VERSION}",
+                              "upgrade pconv")
+        if not isinstance(d["threshold"], str):
+            raise ConfigError("the calibration config's threshold is not text", "for example \"max\"")
+        fields = {k: d[k] for k in ("encoding_levels", "population_budget", "bins") if k in d}
+        return cls(time_steps=tuple(d["time_steps"]) if isinstance(d["time_steps"], list) else d["time_steps"],
+                   threshold=d["threshold"], method=d["method"], **fields)

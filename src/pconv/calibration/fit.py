@@ -1,0 +1,141 @@
+"""`fit`: calibrate every site against the ANN itself, layer by layer, in the paired pass (paired.py).
+
+At every site the paired pass gives the quantized network's input x_q (every earlier site already
+calibrated) and the ANN's x_ann, over all calibration images. Per channel, a grid search over the threshold
+(fractions of the recorded one) and the rounding shift delta_in, refined around its best point, keeps the
+pair whose output, at its least-squares amplitude, is closest to the ANN's:
+    k         = clamp(floor(T*(x_q + delta_in)/theta + 1/2), 0, T)      the spike count
+    theta_out = T * E[k*y] / E[k^2]                                      y = ReLU(x_ann) (or ReLU6)
+    error     = E[(theta_out/T * k - y)^2]
+over a sample of positions: SAMPLES_PER_CHANNEL in all, the same number from every image, chosen by the
+image's content (sampling.py). Only three sums per channel and candidate are needed, so the choice is the
+same over several processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..data.batches import ImageBatches
+from ..nn.qcfs import QCFS, activation
+from ..observe.record import channels_last_2d
+from ..utils import distributed
+from ..utils.progress import Progress
+from .methods import calibration_method
+from .paired import PairedPass, Point, run_paired
+from .sampling import per_image, sample_index
+
+#: Thresholds tried, as fractions of the recorded threshold (the --threshold method's value).
+THRESHOLD_FRACTIONS = torch.linspace(0.2, 1.0, 33).tolist()
+#: Rounding shifts tried, in quantization steps (theta/T).
+SHIFT_STEPS = (-0.25, 0.0, 0.25)
+#: Second stage, around each channel's first-stage choice: offsets of the fraction and of the shift (both
+#: include 0, so the second stage never does worse on the searched positions).
+REFINE_FRACTIONS = torch.linspace(-0.0125, 0.0125, 5).tolist()
+REFINE_SHIFTS = (-0.125, 0.0, 0.125)
+#: Smallest threshold fraction considered.
+MIN_FRACTION = 0.05
+#: Positions per channel the search looks at, over all images (each image gives its share).
+SAMPLES_PER_CHANNEL = 8192
+
+
+def _candidate_sums(q: Tensor, y: Tensor, base: Tensor, fractions: Tensor, shifts: Tensor,
+                    levels: int) -> Tensor:
+    """[C, 2]: (sum k*y, sum k^2) per channel for the per-channel candidate (threshold fraction, shift)."""
+    scale = (levels / (base * fractions).clamp_min(1e-6)).float().unsqueeze(1)
+    offset = (0.5 + shifts).float().unsqueeze(1)
+    k = torch.addcmul(offset, q, scale).floor_().clamp_(0, levels)
+    return torch.stack([(k * y).sum(dim=1, dtype=torch.float64), (k * k).sum(dim=1, dtype=torch.float64)], dim=1)
+
+
+def _amplitude(sums: Tensor) -> Tensor:
+    """Least-squares output per spike of each candidate, sum k*y / sum k^2 (0 for a silent candidate)."""
+    ky, kk = sums[..., 0], sums[..., 1]
+    return torch.where(kk > 0, ky / kk.clamp_min(1e-300), torch.zeros_like(kk))
+
+
+def _best(sums: Tensor) -> Tensor:
+    """Index of the best candidate per channel (sums [C, J, 2]): at the least-squares amplitude the error is
+    sum y^2 - ky^2/kk, so the best candidate has the largest ky * amplitude."""
+    return (sums[..., 0] * _amplitude(sums)).argmax(dim=1)
+
+
+def search_samples(q: Tensor, y: Tensor, theta: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(theta, delta_in, delta_out) per channel that best reproduce the ANN's outputs `y` [C, S] from the
+    quantized network's inputs `q` [C, S] (this process's samples; the sums are reduced over processes).
+
+    Two stages: the grid THRESHOLD_FRACTIONS x SHIFT_STEPS, then a finer grid around each channel's best
+    (REFINE_FRACTIONS x REFINE_SHIFTS, which includes the first-stage choice)."""
+    q, y = q.float(), y.float()
+    base = theta.double().to(q.device)
+    ones = torch.ones_like(base)
+    grid = [(f, s) for f in THRESHOLD_FRACTIONS for s in SHIFT_STEPS]
+    sums = torch.stack([_candidate_sums(q, y, base, ones * f, ones * s, levels) for f, s in grid], dim=1)
+    best = _best(distributed.reduce_sum(sums))
+    fraction = torch.tensor([f for f, _ in grid], dtype=torch.float64, device=q.device)[best]
+    shift = torch.tensor([s for _, s in grid], dtype=torch.float64, device=q.device)[best]
+    fine = [((fraction + df).clamp(MIN_FRACTION, 1.0), shift + ds) for df in REFINE_FRACTIONS for ds in REFINE_SHIFTS]
+    sums = distributed.reduce_sum(torch.stack([_candidate_sums(q, y, base, f, s, levels) for f, s in fine], dim=1))
+    best = _best(sums)
+    rows = torch.arange(len(base), device=q.device)
+    fraction = torch.stack([f for f, _ in fine], dim=1)[rows, best]
+    shift = torch.stack([s for _, s in fine], dim=1)[rows, best]
+    new_theta = (base * fraction).clamp_min(1e-6)
+    chosen = sums[rows, best]
+    amplitude = torch.where(chosen[:, 1] > 0, _amplitude(chosen), new_theta / levels)
+    delta_in = new_theta / levels * shift
+    delta_out = amplitude * levels - new_theta
+    return tuple(v.to(theta) for v in (new_theta, delta_in, delta_out))
+
+
+def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: float | None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """search_samples over every position of the [B, C, ...] inputs x_q and x_ann."""
+    return search_samples(channels_last_2d(x_q), activation(channels_last_2d(x_ann), cap), theta, levels)
+
+
+class SitePoint(Point):
+    """A site of `fit`: gathers its sampled (input, ANN output) pairs, then searches its parameters."""
+
+    def __init__(self, name: str, module: QCFS, num_images: int):
+        self.name = name
+        self.module = module
+        self.count = per_image(SAMPLES_PER_CHANNEL, num_images)
+        self.q: list[Tensor] = []
+        self.y: list[Tensor] = []
+
+    def collect(self, x_q: Tensor, x_ann: Tensor, keys: list[bytes], call: Any = None) -> None:
+        positions = x_q[0].numel() // x_q.shape[1] if x_q.numel() else 0
+        index = sample_index(keys, self.name, positions, self.count, x_q.device)
+        q, a = channels_last_2d(x_q), channels_last_2d(x_ann)
+        if index is not None:
+            q, a = q[:, index], a[:, index]
+        self.q.append(q.float())
+        self.y.append(activation(a, self.module.cap).float())
+
+    def finish(self) -> None:
+        module = self.module
+        empty = torch.zeros(module.theta.numel(), 0, device=module.theta.device)
+        q = torch.cat(self.q, dim=1) if self.q else empty
+        y = torch.cat(self.y, dim=1) if self.y else empty
+        theta, delta_in, delta_out = search_samples(q, y, module.theta, module.resolution)
+        module.theta.copy_(theta)
+        module.delta_in.copy_(delta_in)
+        module.delta_out.copy_(delta_out)
+        self.q, self.y = [], []
+
+
+def site_points(modules: Mapping[str, QCFS], num_images: int) -> dict[QCFS, Point]:
+    return {module: SitePoint(name, module, num_images) for name, module in modules.items()}
+
+
+@calibration_method("fit")
+def fit_sites(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatches, budget: int,
+              progress: Progress) -> dict[str, Any]:
+    """Per-channel threshold, rounding shift and amplitude fitted to the ANN, site by site."""
+    num_images = distributed.reduce_count(batches.num_images)
+    notes = run_paired(PairedPass(model, site_points(modules, num_images)), batches, budget, progress, "fit")
+    return {"fit_images": num_images, "fit_schedule": notes["schedule"]}

@@ -1,0 +1,225 @@
+"""Options shared by several commands, parsed once at the edge (their values validated by click types)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ..calibration import CALIBRATIONS
+from ..config import (DEFAULT_ENCODING_LEVELS, DEFAULT_METHOD, DEFAULT_POPULATION_BUDGET, DEFAULT_THRESHOLD,
+                      MAX_TIME_STEPS, check_time_steps)
+from ..errors import ConfigError
+from ..nn.neurons import ENGINES, NEURONS
+from ..observe.thresholds import THRESHOLDS, ThresholdSpec
+from ..utils.memory import GiB, default_budget, parse_budget
+
+DEBUG_KEY = "pconv.debug"
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[DEBUG_KEY] = True
+    return value
+
+
+def debug_option(f: Callable) -> Callable:
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                        help="Show the full traceback of an error.")(f)
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print exactly one JSON document on stdout instead of tables.")(f)
+
+
+class TimeStepsList(click.ParamType):
+    """`8` or `4,8,16`: a sorted list of distinct T values."""
+
+    name = "T[,T...]"
+
+    def convert(self, value: Any, param, ctx) -> list[int]:
+        if isinstance(value, list):
+            return value
+        steps = []
+        for part in str(value).split(","):
+            part = part.strip()
+            try:
+                t = int(part)
+            except ValueError:
+                self.fail(f"{part!r} is not an integer — write T as e.g. 8, or several as 4,8,16", param, ctx)
+            try:
+                steps.append(check_time_steps(t))
+            except ConfigError as e:
+                self.fail(str(e), param, ctx)
+        return sorted(set(steps))
+
+
+class TimeSteps(TimeStepsList):
+    name = "T"
+
+    def convert(self, value: Any, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        steps = super().convert(value, param, ctx)
+        if len(steps) != 1:
+            self.fail(f"give one T here, got {value!r}", param, ctx)
+        return steps[0]
+
+
+class Threshold(click.ParamType):
+    name = "METHOD[:VALUE]"
+
+    def convert(self, value: Any, param, ctx) -> str:
+        try:
+            return str(ThresholdSpec.parse(value))
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
+
+
+class FloatList(click.ParamType):
+    """`0.5` or `0.485,0.456,0.406`."""
+
+    name = "X[,X...]"
+
+    def convert(self, value: Any, param, ctx) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers — e.g. 0.485,0.456,0.406", param, ctx)
+
+
+class InputSize(click.ParamType):
+    """`C,H,W`, `H,W` or `S` (square); channels default to the model's."""
+
+    name = "C,H,W"
+
+    def convert(self, value: Any, param, ctx) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            size = tuple(int(v) for v in str(value).replace("x", ",").split(","))
+        except ValueError:
+            size = ()
+        if not 1 <= len(size) <= 3 or min(size) < 1:
+            self.fail(f"{value!r} is not an input size — write C,H,W (3,224,224), H,W or one side", param, ctx)
+        return size
+
+
+def model_options(f: Callable) -> Callable:
+    f = click.option("--random-weights", is_flag=True,
+                     help="Convert the architecture with its random initial weights (tests, speed benchmarks); "
+                          "without it a model needs --checkpoint.")(f)
+    f = click.option("--num-classes", type=click.IntRange(min=1), default=None,
+                     help="Classifier size, if it differs from the model's default (timm models).")(f)
+    f = click.option("--checkpoint", "-c", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Weights file (.safetensors, or .pth/.pt loaded weights-only).")(f)
+    return f
+
+
+def trust_factory_option(f: Callable) -> Callable:
+    return click.option("--trust-factory", is_flag=True,
+                        help="Run the model factory the file names (your own code, package.module:function) to "
+                             "rebuild its architecture. Without it only timm models and pconv's own are built.")(f)
+
+
+def num_images_option(help: str) -> Callable[[Callable], Callable]:
+    return click.option("--num-images", "-n", type=click.IntRange(min=1), default=None, help=help)
+
+
+def class_map_option(f: Callable) -> Callable:
+    return click.option("--class-map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="Text file naming the class folders, one per line, line k = class k "
+                             "[default: DIR/class_map.txt if present].")(f)
+
+
+def preprocessing_options(f: Callable) -> Callable:
+    f = click.option("--input-size", type=InputSize(), default=None, help="Override the input size (C,H,W).")(f)
+    f = click.option("--std", type=FloatList(), default=None, help="Override the normalisation std.")(f)
+    f = click.option("--mean", type=FloatList(), default=None, help="Override the normalisation mean.")(f)
+    return f
+
+
+def loader_options(default_batch: int = 64) -> Callable[[Callable], Callable]:
+    def wrap(f: Callable) -> Callable:
+        f = click.option("--workers", "-j", type=click.IntRange(min=0), default=0, show_default=True,
+                         help="Data-loading worker processes.")(f)
+        f = click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+                         help="Seed of the random --num-images subset.")(f)
+        f = click.option("--batch-size", "-b", type=click.IntRange(min=1), default=default_batch, show_default=True,
+                         help="Images per batch.")(f)
+        return f
+    return wrap
+
+
+def device_option(f: Callable) -> Callable:
+    return click.option("--device", default="auto", show_default=True,
+                        help="cpu, cuda, cuda:N, or auto (cuda when available).")(f)
+
+
+def threshold_option(f: Callable) -> Callable:
+    return click.option("--threshold", type=Threshold(), default=DEFAULT_THRESHOLD, show_default=True,
+                        help=f"Threshold method: {', '.join(THRESHOLDS.names())}; percentile takes a value, "
+                             "e.g. percentile:99.99.")(f)
+
+
+class MemorySize(click.ParamType):
+    """`4GiB`, `512M`, `2.5G` -> bytes."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_budget(value)
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
+
+
+def calibration_options(f: Callable) -> Callable:
+    """--threshold, --calibration, --encoding-levels, --population-budget and --memory-budget."""
+    f = click.option("--memory-budget", type=MemorySize(), default=None,
+                     help="Most memory calibration holds beyond the model and one batch, e.g. 4GiB [default: a "
+                          f"fifth of this machine's memory, {default_budget() / GiB:.1f} GiB]; past it pconv "
+                          "recomputes instead of holding.")(f)
+    f = click.option("--population-budget", type=click.FloatRange(0.0, 100.0), default=DEFAULT_POPULATION_BUDGET,
+                     show_default=True,
+                     help="Also population-code the hidden sites whose quantization costs the most accuracy per "
+                          "added neuron (label-free sensitivity), while the added neurons stay within this "
+                          "fraction of the network's, e.g. 0.25; 0: encoding sites only.")(f)
+    f = click.option("--encoding-levels", type=click.IntRange(0, MAX_TIME_STEPS), default=DEFAULT_ENCODING_LEVELS,
+                     show_default=True,
+                     help="Levels the encoding layer (the neurons that see the image) resolves at any T, with "
+                          "ceil(levels/T) neurons per channel; 0: one neuron per channel.")(f)
+    methods = "; ".join(f"{m}: {CALIBRATIONS.get(m).summary.rstrip('.')}" for m in CALIBRATIONS.names())
+    f = click.option("--calibration", "method", type=click.Choice(CALIBRATIONS.names()),
+                     default=DEFAULT_METHOD, show_default=True, help=f"Calibration method ({methods}).")(f)
+    return threshold_option(f)
+
+
+#: The parameter names calibration_options adds (convert refuses them with --calib).
+CALIBRATION_PARAMETERS = ["threshold", "method", "encoding_levels", "population_budget", "memory_budget"]
+
+
+def neuron_option(default: str | None, help: str) -> Callable[[Callable], Callable]:
+    return click.option("--neuron", type=click.Choice(NEURONS.names()), default=default, show_default=bool(default),
+                        help=help)
+
+
+def engine_option(f: Callable) -> Callable:
+    return click.option("--engine", type=click.Choice(ENGINES), default=None,
+                        help="counts (default; cost independent of T), spikes (T samples per image in one "
+                             "pass) or steps (T sequential passes; serial neurons only).")(f)
+
+
+def check_not_given(ctx: click.Context, names: list[str], reason: str) -> None:
+    """A usage error if any of the options `names` (parameter names) was given on the command line."""
+    given = [n for n in names
+             if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given:
+        flags = {p.name: max(p.opts, key=len) for p in ctx.command.params}
+        raise click.UsageError(f"{', '.join(flags[n] for n in given)} {reason}", ctx=ctx)

@@ -1,0 +1,180 @@
+"""The single output sink of the CLI: results to stdout (a rich table, or one JSON document), everything
+else (progress bars, notes, errors) to a rich console on stderr."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sys
+from typing import Any, Callable
+
+import click
+from rich.console import Console, Group, RenderableType
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from ..calibration import Calibration
+from ..nn.population import population_size
+from ..observe.sites import Site
+from ..utils import distributed
+
+#: Width used when stdout is not a terminal, so piped tables do not wrap at 80 columns.
+PIPE_WIDTH = 120
+
+
+def _console(stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    is_tty = stream.isatty()
+    # Resolve the stream at creation time: click's CliRunner swaps sys.stdout/sys.stderr per invocation.
+    return Console(file=stream, width=None if is_tty else PIPE_WIDTH, highlight=False, soft_wrap=False,
+                   force_terminal=None if is_tty else False)
+
+
+class RichProgress:
+    """pconv.progress.Progress on a rich progress bar (stderr); silent when disabled."""
+
+    def __init__(self, console: Console, enabled: bool):
+        self.enabled = enabled
+        self._bar = Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
+                             MofNCompleteColumn(), TimeElapsedColumn(), console=console, disable=not enabled,
+                             transient=False)
+        self._current: int | None = None
+
+    def __enter__(self) -> "RichProgress":
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._finish_current()
+        self._bar.stop()
+
+    def _finish_current(self) -> None:
+        if self._current is not None:
+            task = self._bar.tasks[-1]
+            if task.total is not None:
+                self._bar.update(self._current, completed=task.total)
+            self._current = None
+
+    def stage(self, description: str, total: int | None) -> Callable[[], None]:
+        self._finish_current()
+        task = self._bar.add_task(description, total=total)
+        self._current = task
+        return lambda: self._bar.advance(task)
+
+
+class Output:
+    """Where a command's results and messages go."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.out = _console(stderr=False)
+        self.err = _console(stderr=True)
+        # Under torchrun only rank 0 speaks: one table or JSON document, one progress bar.
+        self.silent = not distributed.is_main()
+
+    def progress(self) -> RichProgress:
+        enabled = (not self.as_json and self.err.is_terminal and not os.environ.get("PCONV_NO_PROGRESS")
+                   and not self.silent)
+        return RichProgress(self.err, enabled)
+
+    def note(self, text: str) -> None:
+        """A message for a human (stderr; never pollutes stdout or the JSON document)."""
+        if not self.as_json and not self.silent:
+            self.err.print(text, markup=False, highlight=False)
+
+    def warn(self, text: str) -> None:
+        if self.silent:
+            return
+        self.err.print(f"Warning: {text}", markup=False, highlight=False, style="yellow")
+
+    def result(self, document: dict[str, Any], render: Callable[[Console], None]) -> None:
+        """Exactly one JSON document with --json, else the human rendering."""
+        if self.silent:
+            return
+        if self.as_json:
+            click.echo(json.dumps(document, indent=2, allow_nan=False))
+        elif self.out.is_terminal:
+            render(self.out)
+        else:
+            # Piped or captured: plain text without the padding rich adds to fill table widths.
+            capture = Console(file=io.StringIO(), width=PIPE_WIDTH, highlight=False, force_terminal=False,
+                              color_system=None)
+            render(capture)
+            text = capture.file.getvalue()
+            click.echo("\n".join(line.rstrip() for line in text.splitlines()))
+
+
+def key_value_table(rows: list[tuple[str, Any]], title: str | None = None) -> RenderableType:
+    """Two columns without borders, under a one-line title (never wrapped to the table's width)."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column("key", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for key, value in rows:
+        table.add_row(key, "" if value is None else str(value))
+    return table if title is None else Group(Text(title, style="bold"), table)
+
+
+def si(value: float | None, digits: int = 3) -> str:
+    """1234567 -> '1.23 M'."""
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    units = ["", " k", " M", " G", " T"]
+    exp = min(int(math.floor(math.log10(abs(value)) / 3)), len(units) - 1) if abs(value) >= 1 else 0
+    return f"{value / 1000 ** exp:.{digits}g}{units[exp]}"
+
+
+def pct(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}%"
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def encoding_summary(sites: list[Site], time_steps: list[int], encoding_levels: int) -> str:
+    """One line: how many neurons per channel the encoding sites have at each T."""
+    encoders = [s for s in sites if s.encoding]
+    if not encoders or encoding_levels == 0:
+        return "one neuron per channel at every site"
+    per_t = ", ".join(f"{population_size(T, encoding_levels)} at T={T}" for T in time_steps)
+    return f"{', '.join(s.name for s in encoders)}: neurons per channel {per_t} (≥ {encoding_levels} levels)"
+
+
+def population_summary(calibration: Calibration, time_steps: list[int]) -> str:
+    """One line: the hidden sites population-coded at each T (chosen under --population-budget)."""
+    parts = []
+    for T in time_steps:
+        names = calibration.populated.get(T, [])
+        if names:
+            m = calibration.populations(T)[names[0]]
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            sites = "1 site" if len(names) == 1 else f"{len(names)} sites"
+            parts.append(f"T={T}: {sites} × {m} neurons per channel ({shown})")
+    return "; ".join(parts) or "none"
+
+
+#: The provenance entries about memory that calibrate and convert report.
+MEMORY_KEYS = ("memory_budget_mb", "peak_tensor_mb", "peak_rss_mb")
+
+
+def memory_summary(provenance: dict) -> str:
+    """One line: what the calibration held at its peak, against its budget."""
+    return (f"peak {provenance['peak_tensor_mb'] / 1024:.2f} GiB of tensors (budget "
+            f"{provenance['memory_budget_mb'] / 1024:.2f} GiB), process peak {provenance['peak_rss_mb'] / 1024:.2f} GiB")
+
+
+def plan_summary(calibration: Calibration, time_steps: list[int]) -> str:
+    """One line: the configured method, and what ran at each T where that differs (`auto`)."""
+    steps = {T: calibration.step(T) for T in time_steps}
+    ran = [f"{step} at T={T}" for T, step in steps.items()
+           if step.method != calibration.method or str(step.threshold) != calibration.threshold]
+    return calibration.method + (f" ({', '.join(ran)})" if ran else "")

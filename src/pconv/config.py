@@ -1,0 +1,68 @@
+"""The defaults of every choice pconv makes, and the checks of the values a user gives, in one place.
+
+The choices themselves travel together in `pconv.calibration.CalibrationConfig`; this module is the
+bottom layer it (and the command line) take their defaults and validators from.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from .errors import ConfigError
+
+#: Largest T accepted: beyond this the point of few-step conversion is lost and the spike engine explodes.
+MAX_TIME_STEPS = 4096
+
+DEFAULT_THRESHOLD = "max"
+DEFAULT_METHOD = "auto"
+#: `auto` runs `fit` (on the --threshold values) up to this T, and the mse threshold without shifts above it
+#: (docs/accuracy.md: the fitted shifts and amplitudes gain most where quantization error dominates, at low T).
+AUTO_FIT_MAX_T = 8
+#: Encoding sites (no neuron between them and the image) resolve at least this many levels at any T,
+#: with ceil(levels/T) neurons per channel (nn.population); 0 turns population coding off.
+DEFAULT_ENCODING_LEVELS = 64
+#: Hidden sites may be population-coded too (as many neurons per channel as the encoding sites), the most
+#: sensitive ones first, while the added neurons stay within this fraction of the network's.
+DEFAULT_POPULATION_BUDGET = 0.5
+#: Histogram resolution: percentile and error-minimising thresholds are exact to max/BINS.
+DEFAULT_BINS = 2048
+DEFAULT_T = 8
+#: Calibration images the CLI takes from a folder when --num-images is not given (all of them, up to this).
+DEFAULT_CALIBRATION_IMAGES = 512
+
+
+def check_time_steps(time_steps: Any) -> int:
+    if isinstance(time_steps, bool) or not isinstance(time_steps, int):
+        raise ConfigError(f"T must be an integer, got {time_steps!r}", "for example T=8")
+    if not 1 <= time_steps <= MAX_TIME_STEPS:
+        raise ConfigError(f"T must be between 1 and {MAX_TIME_STEPS}, got {time_steps}", "typical values are 4 to 32")
+    return time_steps
+
+
+def check_time_step_list(time_steps: int | Iterable[int]) -> list[int]:
+    """One T or several: sorted, distinct, each checked."""
+    steps = [time_steps] if isinstance(time_steps, int) else list(time_steps)
+    if not steps:
+        raise ConfigError("no T given", "for example time_steps=[4, 8, 16]")
+    return sorted({check_time_steps(t) for t in steps})
+
+
+def check_encoding_levels(levels: Any) -> int:
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 0 <= levels <= MAX_TIME_STEPS:
+        raise ConfigError(f"encoding levels must be an integer between 0 and {MAX_TIME_STEPS}, got {levels!r}",
+                          f"for example {DEFAULT_ENCODING_LEVELS}, or 0 for one neuron per channel everywhere")
+    return levels
+
+
+def check_population_budget(budget: Any) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 <= float(budget) <= 100.0:
+        raise ConfigError(f"the population budget must be a number between 0 and 100, got {budget!r}",
+                          "it is the fraction of extra neurons allowed, for example 0.25; 0 turns it off")
+    return float(budget)
+
+
+def check_bins(bins: Any) -> int:
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 16 <= bins <= 1 << 16:
+        raise ConfigError(f"histogram bins must be an integer from 16 to 65536, got {bins!r}",
+                          f"for example {DEFAULT_BINS}")
+    return bins

@@ -1,0 +1,1 @@
+"""Images in: folders and their labels (folders), data configs (config), calibration batches (batches)."""

@@ -1,0 +1,161 @@
+"""What an SNN costs per image: the ANN's multiply-accumulates layer by layer, which layers see the analog image,
+and the synaptic operations every other layer's input triggers (see docs/usage.md for the definitions)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.functional import per_channel
+from ..nn.network import SpikingNetwork
+from ..nn.neurons import Engine
+from .results import LayerStats
+
+_SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _kind(module: nn.Module) -> str:
+    return "linear" if isinstance(module, nn.Linear) else "conv"
+
+
+def _macs(module: nn.Module, out: Tensor, images: int) -> int:
+    per_output = module.in_features if isinstance(module, nn.Linear) else \
+        module.in_channels // module.groups * int(torch.tensor(module.kernel_size).prod())
+    return int(out.numel() // images) * per_output
+
+
+def _synaptic_modules(net: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in net.named_modules() if isinstance(m, _SYNAPTIC)}
+
+
+def layer_costs(snn: SpikingNetwork, example: Tensor) -> list[LayerStats]:
+    """Conv/linear layers in execution order with their ANN MACs per image and whether they see the image.
+
+    `example` is one input batch; a single image is enough.
+    """
+    modules = _synaptic_modules(snn.net)
+    by_id = {id(m): name for name, m in modules.items()}
+    layers: dict[str, LayerStats] = {}
+    state = {"spiked": False}
+    # The spike engine calls every layer once on T samples per image, whatever engine is selected.
+    previous = snn.engine
+    images = example.shape[0] * snn.time_steps
+
+    def on_layer(module, inputs, output):
+        name = by_id[id(module)]
+        if name in layers:  # a module used twice costs twice
+            layers[name].macs += _macs(module, output, images)
+            return
+        layers[name] = LayerStats(name, _kind(module), "spikes" if state["spiked"] else "image",
+                                  _macs(module, output, images), None, None)
+
+    def on_neuron(module, inputs, output):
+        state["spiked"] = True
+
+    handles = [m.register_forward_hook(on_layer) for m in modules.values()]
+    handles += [m.register_forward_hook(on_neuron) for m in snn.neurons().values()]
+    snn.set_engine(Engine.SPIKES)
+    try:
+        with torch.inference_mode():
+            snn(example)
+    finally:
+        for h in handles:
+            h.remove()
+        snn.set_engine(previous)
+    return list(layers.values())
+
+
+def _ones_like_layer(module: nn.Module) -> nn.Module:
+    """The layer's connectivity: the same module with all-ones weights and no bias."""
+    ones = copy.deepcopy(module)
+    with torch.no_grad():
+        ones.weight.fill_(1.0)
+        if getattr(ones, "bias", None) is not None:
+            ones.bias.zero_()
+    return ones
+
+
+_SPIKE_PRESERVING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                     nn.ZeroPad2d, nn.Identity, nn.Dropout)
+
+
+def count_sops(snn: SpikingNetwork, images: Tensor, layers: list[LayerStats], chunk: int,
+               on_chunk: Callable[[], None] | None = None) -> None:
+    """Fill in `sops`, `input_rate` and the input kind ("spikes" or "graded") of every layer that does not
+    see the image, measured on `images` in the spike engine, `chunk` images (T samples each) at a time."""
+    T = snn.time_steps
+    previous = snn.engine
+    modules = _synaptic_modules(snn.net)
+    wanted = {layer.name: layer for layer in layers if layer.input != "image"}
+    ones = {name: _ones_like_layer(modules[name]) for name in wanted}
+    events = {name: 0.0 for name in wanted}  # synaptic events (nonzero inputs x fan-out)
+    nonzero = {name: 0.0 for name in wanted}  # nonzero inputs over all steps
+    positions = {name: 0 for name in wanted}  # input positions (x T gives the input slots)
+    graded = {name: False for name in wanted}
+
+    # A population (m neurons per channel) emits up to m spikes per channel and step, summed into one value
+    # of (spikes * theta_out/m): a layer that takes that output directly counts every spike as an event.
+    population_outputs: dict[int, tuple[Tensor, Tensor, int]] = {}  # id -> (output kept alive, amplitude, m)
+
+    def on_population(neuron: nn.Module, inputs: tuple, output: Tensor) -> None:
+        population_outputs[id(output)] = (output, neuron.theta_out / neuron.population, neuron.population)
+
+    def passes_population(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        # max pooling, zero padding, dropout and identity keep every value a whole number of spikes
+        known = population_outputs.get(id(inputs[0])) if inputs and isinstance(inputs[0], Tensor) else None
+        if known is not None and isinstance(output, Tensor):
+            population_outputs[id(output)] = (output, known[1], known[2])
+
+    def pre_hook(module: nn.Module, inputs: tuple, name: str) -> None:
+        x = inputs[0]
+        steps = x.reshape(T, x.shape[0] // T, *x.shape[1:])
+        population = population_outputs.get(id(x))
+        if population is not None:
+            _, amplitude, m = population
+            unit = per_channel(torch.where(amplitude != 0, amplitude, torch.ones_like(amplitude)), steps[0])
+            counts = (steps / unit).round().sum(dim=0)  # [B, ...]: spikes per input position
+            slots = counts.numel() * m
+        else:
+            counts = (steps != 0).sum(dim=0).to(x.dtype)  # [B, ...]: nonzero steps per input position
+            slots = counts.numel()
+        events[name] += float(ones[name](counts).double().sum())
+        nonzero[name] += float(counts.double().sum())
+        positions[name] += slots
+        if population is None and not graded[name]:
+            # binary events carry one amplitude per channel: every nonzero value of a channel is the same
+            channel_dim = -1 if isinstance(module, nn.Linear) else 1
+            values = x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
+            mask = values != 0
+            hi = torch.where(mask, values, torch.full_like(values, -float("inf"))).amax(dim=1)
+            lo = torch.where(mask, values, torch.full_like(values, float("inf"))).amin(dim=1)
+            graded[name] = bool((mask.any(dim=1) & (hi != lo)).any())
+
+    device = next(snn.parameters()).device
+    for m in ones.values():
+        m.to(device)
+    handles = [modules[name].register_forward_pre_hook(lambda m, i, n=name: pre_hook(m, i, n)) for name in wanted]
+    populations = [neuron for neuron in snn.neurons().values() if neuron.population > 1]
+    handles += [neuron.register_forward_hook(on_population) for neuron in populations]
+    if populations:
+        handles += [m.register_forward_hook(passes_population) for m in snn.net.modules()
+                    if isinstance(m, _SPIKE_PRESERVING)]
+    snn.set_engine(Engine.SPIKES)
+    try:
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], chunk):
+                snn(images[start:start + chunk].to(device))
+                population_outputs.clear()
+                if on_chunk:
+                    on_chunk()
+    finally:
+        for h in handles:
+            h.remove()
+        snn.set_engine(previous)
+    n = images.shape[0]
+    for name, layer in wanted.items():
+        layer.sops = events[name] / n
+        layer.input_rate = nonzero[name] / (positions[name] * T) if positions[name] else 0.0
+        layer.input = "graded" if graded[name] else "spikes"

@@ -1,0 +1,179 @@
+"""The converted network: the source architecture with spiking neurons at every activation site."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..models.source import ModelSource
+from ..observe.sites import ACTIVATIONS, Site
+from ..utils.swap import swap_by_name
+from .neurons import NEURONS, Engine, SpikingNeuron, as_engine
+from .population import populations
+
+_ACTIVATION_TYPES = {kind: cls for cls, (kind, _) in ACTIVATIONS.items()}
+
+
+@dataclass
+class ConversionInfo:
+    """What the SNN is and how it was made; serialised into the exported file (format.FileMetadata)."""
+
+    time_steps: int
+    neuron: str
+    sites: list[Site]
+    #: the threshold method and calibration method that ran at this T (for `auto`, what it resolved to)
+    threshold: str = "max"
+    method: str = "none"
+    source: ModelSource | None = None
+    data_config: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    #: encoding sites have ceil(encoding_levels/T) neurons per channel (Site.population); 0: one
+    encoding_levels: int = 0
+    #: hidden sites population-coded as the encoding sites are (chosen by sensitivity at calibration)
+    populated: list[str] = field(default_factory=list)
+    #: outputs of the classifier (None: not recorded, files before it was)
+    num_classes: int | None = None
+    #: the calibration's configuration as JSON (calibration.CalibrationConfig.to_dict), when it is known
+    config: dict[str, Any] | None = None
+
+    def populations(self) -> dict[str, int]:
+        """Neurons per channel of every site."""
+        return populations(self.sites, self.time_steps, self.encoding_levels, self.populated)
+
+
+#: (theta_in, bias, theta_out) of one site's neurons, per channel.
+NeuronParams = tuple[Tensor, Tensor, Tensor]
+
+
+def spiking_network(net: nn.Module, info: ConversionInfo, params: Mapping[str, NeuronParams]) -> "SpikingNetwork":
+    """Swap every site of `net` (in place) for `info.neuron` neurons with `params`; the SNN around it.
+
+    Refuses a network that lacks one of `info.sites` (or has another activation there)."""
+    cls = NEURONS.get(info.neuron)
+    populations = info.populations()
+    device = next(net.parameters()).device
+
+    kinds = {s.name: s.activation for s in info.sites}
+
+    def make(module: nn.Module, name: str) -> SpikingNeuron:
+        if ACTIVATIONS.get(type(module), ("",))[0] != kinds[name]:
+            raise ConfigError(f"site {name} is a {kinds[name]} in the SNN description but {type(module).__name__} "
+                              "in the model", "use the calibration or file made for this model")
+        theta_in, bias, theta_out = (t.to(device) for t in params[name])
+        return cls(theta_in, bias, theta_out, info.time_steps, populations[name])
+
+    wanted = {s.name for s in info.sites}
+    swapped = swap_by_name(net, {name: make for name in wanted})
+    if len(swapped) != len(wanted):
+        missing = sorted(wanted - set(swapped))
+        raise ConfigError(f"the SNN description names activation sites the model does not have (e.g. {missing[0]})",
+                          "use the calibration or file made for this model")
+    return SpikingNetwork(net, info)
+
+
+class SpikingNetwork(nn.Module):
+    """Calling it on [B, ...] returns the time-mean of its T-step output, [B, classes].
+
+    engine "counts": each neuron emits its time-mean (cost independent of T);
+    engine "spikes": T*B samples flow through every layer (per-step outputs available);
+    engine "steps":  T sequential passes of B samples, neurons keep state (serial neurons only).
+    `spike_batch_limit` bounds the samples of one spike-domain pass: larger batches run in chunks.
+    """
+
+    def __init__(self, net: nn.Module, info: ConversionInfo):
+        super().__init__()
+        self.net = net
+        self.info = info
+        self.spike_batch_limit: int | None = None
+        #: the ANN's values of the state-dict entries a layer refit replaced; None: an entry it added
+        self.ann_weights: dict[str, Tensor | None] = {}
+        kinds = {type(m).type_name for m in self.neurons().values()}
+        counts = all(Engine.COUNTS in NEURONS.get(k).engines for k in kinds)
+        self._engine = Engine.COUNTS if counts else Engine.SPIKES
+        self.set_engine(self._engine)
+
+    @property
+    def time_steps(self) -> int:
+        return self.info.time_steps
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def set_engine(self, engine: Engine | str) -> "SpikingNetwork":
+        engine = as_engine(engine)
+        for neuron in self.neurons().values():
+            neuron.set_engine(engine)
+        self._engine = engine
+        return self
+
+    def neurons(self) -> dict[str, SpikingNeuron]:
+        return {s.name: self.net.get_submodule(s.name) for s in self.info.sites}
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._engine is Engine.COUNTS:
+            return self.net(x)
+        return self.forward_steps(x).mean(dim=0)
+
+    def forward_steps(self, x: Tensor) -> Tensor:
+        """Per-step outputs [T, B, ...] (spike or step engine): the image is presented at every step."""
+        if self._engine is Engine.COUNTS:
+            raise ConfigError("per-step outputs need the spike-domain engine", "call snn.set_engine('spikes')")
+        if self._engine is Engine.STEPS:
+            return self._run_steps(x)
+        T, B = self.time_steps, x.shape[0]
+        chunk = B if not self.spike_batch_limit else max(1, self.spike_batch_limit // T)
+        outs = []
+        for part in x.split(chunk):
+            repeated = part.unsqueeze(0).expand(T, *part.shape).reshape(T * part.shape[0], *part.shape[1:])
+            out = self.net(repeated)
+            outs.append(out.view(T, part.shape[0], *out.shape[1:]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _run_steps(self, x: Tensor) -> Tensor:
+        neurons = self.neurons().values()
+        for neuron in neurons:
+            neuron.reset()
+        try:
+            return torch.stack([self.net(x) for _ in range(self.time_steps)])
+        finally:
+            for neuron in neurons:
+                neuron.reset()
+
+    def to_ann(self) -> nn.Module:
+        """A copy of the source ANN: the same weights with the original activations back."""
+        ann = copy.deepcopy(self.net)
+        swap_by_name(ann, {s.name: (lambda m, n, s=s: _ACTIVATION_TYPES[s.activation]()) for s in self.info.sites})
+        with torch.no_grad():
+            for key, value in self.ann_weights.items():  # undo a layer refit
+                owner, _, leaf = key.rpartition(".")
+                module = ann.get_submodule(owner)
+                if value is None:
+                    setattr(module, leaf, None)
+                else:
+                    getattr(module, leaf).copy_(value)
+        return ann.eval()
+
+    def with_neuron(self, kind: str) -> "SpikingNetwork":
+        """The same SNN (same parameters, same T) with another neuron type, e.g. the serial baseline."""
+        cls = NEURONS.get(kind)
+        net = copy.deepcopy(self.net)
+
+        def rebuild(old: SpikingNeuron, name: str) -> SpikingNeuron:
+            return cls(old.theta_in, old.bias, old.theta_out, old.time_steps, old.population)
+
+        swap_by_name(net, {s.name: rebuild for s in self.info.sites})
+        info = copy.copy(self.info)
+        info.neuron = kind
+        snn = SpikingNetwork(net, info)
+        snn.ann_weights = dict(self.ann_weights)
+        return snn.eval()
+
+    def extra_repr(self) -> str:
+        return (f"T={self.time_steps}, neuron={self.info.neuron}, engine={self._engine.value}, "
+                f"sites={len(self.info.sites)}")

@@ -1,0 +1,178 @@
+"""Spiking neurons. Each carries per-channel theta_in, bias b and theta_out, and knows T.
+
+Engines (how a neuron sees time):
+  counts: the input is the time-mean [B, ...]; the output is the time-mean theta_out*k/T.
+  spikes: the input is [T*B, ...] (step-major); the output is the T spike maps, same layout.
+  steps:  one call per time step, [B, ...] in and out; the neuron keeps its membrane between calls
+          (serial neurons only: the classic SNN schedule of T sequential passes).
+
+A population (encoding sites, Site.population) is m neurons per channel that see the same input, with
+biases spread by theta_in/m; each spike carries theta_out/m and a channel's output at a step is the sum
+of its m neurons' spikes. The count hook sees every neuron's count, stacked: [m, B, ...].
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Type
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..utils.registry import Registry
+from . import functional as PF
+
+NEURONS: Registry[Type["SpikingNeuron"]] = Registry("neuron")
+
+
+class Engine(str, Enum):
+    """How a neuron (and the SNN) sees time; the values are the CLI's and the JSON's names."""
+
+    COUNTS = "counts"  # the input is the time-mean [B, ...]; the output its time-mean theta_out*k/T
+    SPIKES = "spikes"  # the input is [T*B, ...] (step-major); the output the T spike maps, same layout
+    STEPS = "steps"  # one call per time step; the neuron keeps its membrane (serial neurons only)
+
+
+ENGINES = tuple(e.value for e in Engine)
+
+
+def as_engine(engine: Engine | str) -> Engine:
+    try:
+        return Engine(engine)
+    except ValueError:
+        raise ConfigError(f"unknown engine {engine!r}", f"use one of: {', '.join(ENGINES)}") from None
+
+
+class SpikingNeuron(nn.Module):
+    """Shared parameters and layout helpers; subclasses define the dynamics."""
+
+    #: Engines the neuron can run in.
+    engines: tuple[Engine, ...] = (Engine.COUNTS, Engine.SPIKES)
+    type_name = ""
+
+    def __init__(self, theta_in: Tensor, bias: Tensor, theta_out: Tensor, time_steps: int, population: int = 1):
+        super().__init__()
+        self.time_steps = int(time_steps)
+        self.population = int(population)
+        self.register_buffer("theta_in", theta_in.detach().clone())
+        self.register_buffer("bias", bias.detach().clone())
+        self.register_buffer("theta_out", theta_out.detach().clone())
+        self.engine = Engine.COUNTS if Engine.COUNTS in self.engines else Engine.SPIKES
+        #: When set, called with the spike counts k of every forward (firing-rate statistics).
+        self.count_hook = None
+
+    def set_engine(self, engine: Engine | str) -> None:
+        engine = as_engine(engine)
+        if engine not in self.engines:
+            raise ConfigError(f"the {self.type_name} neuron cannot run in the {engine.value!r} engine",
+                              f"use one of: {', '.join(e.value for e in self.engines)}")
+        self.engine = engine
+
+    def steps_view(self, x: Tensor) -> Tensor:
+        """[T*B, ...] -> [T, B, ...]."""
+        return x.view(self.time_steps, x.shape[0] // self.time_steps, *x.shape[1:])
+
+    def biases(self, like: Tensor) -> Tensor:
+        """[m, 1, C, 1, ...]: the bias of each of the m neurons of a channel, shaped against `like`."""
+        return torch.stack([PF.per_channel(b, like) for b in
+                            PF.population_biases(self.theta_in, self.bias, self.population)])
+
+    def extra_repr(self) -> str:
+        pop = f", population={self.population}" if self.population > 1 else ""
+        return f"channels={self.theta_in.numel()}, T={self.time_steps}{pop}, engine={self.engine.value}"
+
+
+@NEURONS.register("parallel")
+class ParallelIF(SpikingNeuron):
+    """Parallel IF neuron: spikes at steps 1..k, k = clamp(floor((T*mean(x) + b)/theta_in), 0, T)."""
+
+    type_name = "parallel"
+
+    def forward(self, x: Tensor) -> Tensor:
+        T, m = self.time_steps, self.population
+        if self.engine is Engine.COUNTS:
+            if m > 1:
+                if self.count_hook is not None:
+                    counts = torch.stack(PF.population_counts(x, self.theta_in, self.bias, T, m))
+                    self.count_hook(counts)
+                    k = counts.sum(dim=0)
+                else:
+                    k = PF.population_count(x, self.theta_in, self.bias, T, m)
+                return PF.count_output(k, self.theta_out, T * m, inplace=True)
+            k = PF.spike_count(x, self.theta_in, self.bias, T)
+            if self.count_hook is not None:
+                self.count_hook(k)
+            return PF.count_output(k, self.theta_out, T, inplace=self.count_hook is None)
+        x_mean = self.steps_view(x).mean(dim=0)
+        counts = PF.population_counts(x_mean, self.theta_in, self.bias, T, m)
+        if self.count_hook is not None:
+            self.count_hook(torch.stack(counts) if m > 1 else counts[0])
+        steps = torch.arange(1, T + 1, device=x.device, dtype=x.dtype).view(T, *([1] * x_mean.dim()))
+        fired = (steps <= counts[0].unsqueeze(0)).to(x.dtype)
+        for k in counts[1:]:  # spikes of a channel's m neurons at each step
+            fired += (steps <= k.unsqueeze(0)).to(x.dtype)
+        amplitude = PF.per_channel(self.theta_out / m, x_mean).unsqueeze(0)
+        return (fired * amplitude).reshape(x.shape)
+
+
+@NEURONS.register("serial")
+class SerialIF(SpikingNeuron):
+    """Classic IF neuron, one step after another: v_0 = b, v += x_t, spike when v >= theta_in,
+    reset by subtraction. Equal to the parallel neuron on time-constant input."""
+
+    type_name = "serial"
+    engines = (Engine.SPIKES, Engine.STEPS)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.membrane: Tensor | None = None  # state of the "steps" engine
+        self.fired: Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the membrane: call before each new batch in the "steps" engine. Reports the spike
+        counts of the finished batch to `count_hook` first."""
+        if self.fired is not None and self.count_hook is not None:
+            self.count_hook(self.fired if self.population > 1 else self.fired[0])
+        self.membrane = None
+        self.fired = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.engine is Engine.STEPS:
+            return self._one_step(x)
+        steps = self.steps_view(x)
+        m = self.population
+        theta_in = PF.per_channel(self.theta_in, steps[0])
+        theta_out = PF.per_channel(self.theta_out / m, steps[0])
+        v = self.biases(steps[0]).expand(m, *steps[0].shape).clone()  # [m, B, ...]: one membrane per neuron
+        out = torch.empty_like(steps)
+        count = torch.zeros_like(v) if self.count_hook is not None else None
+        for t in range(self.time_steps):
+            v = v + steps[t]
+            fired = (v >= theta_in).to(x.dtype)
+            v = v - fired * theta_in
+            out[t] = fired.sum(dim=0) * theta_out
+            if count is not None:
+                count += fired
+        if count is not None:
+            self.count_hook(count if m > 1 else count[0])
+        return out.view(x.shape)
+
+    def _one_step(self, x: Tensor) -> Tensor:
+        m = self.population
+        if self.membrane is None:
+            self.membrane = self.biases(x).expand(m, *x.shape).clone()
+            self.fired = torch.zeros_like(self.membrane)
+        self.membrane = self.membrane + x
+        fired = (self.membrane >= PF.per_channel(self.theta_in, x)).to(x.dtype)
+        self.membrane = self.membrane - fired * PF.per_channel(self.theta_in, x)
+        self.fired += fired
+        return fired.sum(dim=0) * PF.per_channel(self.theta_out / m, x)
+
+
+def make_neuron(kind: str, theta: Tensor, delta_in: Tensor, delta_out: Tensor, time_steps: int,
+                population: int = 1) -> SpikingNeuron:
+    """A neuron of the registered `kind` from QCFS threshold and DA shifts (DESIGN §2)."""
+    cls = NEURONS.get(kind)
+    theta_in, bias, theta_out = PF.neuron_params(theta, delta_in, delta_out, time_steps, population)
+    return cls(theta_in, bias, theta_out, time_steps, population)

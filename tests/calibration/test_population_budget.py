@@ -1,0 +1,132 @@
+"""Population coding of hidden sites under a neuron budget (sensitivity.py, docs/math.md §3c).
+
+The choice is a greedy knapsack on a label-free first-order estimate; these tests check the estimate
+against the change it predicts, the choice against its definition, and that a chosen site is a population
+in every engine and survives both file kinds.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import nets
+import pconv
+from pconv.nn import functional as PF
+from pconv.errors import ConfigError
+from pconv.calibration.population import choose_populated, site_sensitivity
+from pconv.observe.sites import Site, find_sites
+from test_pipeline import qcfs_network
+from crafted import assert_refused, snn_file_with_metadata
+
+
+def _site(name: str, encoding: bool = False) -> Site:
+    return Site(name, "relu", 4, 4, None, encoding)
+
+
+def test_choice_is_the_best_gain_per_neuron_within_the_budget():
+    sites = [_site("stem", encoding=True), _site("a"), _site("b"), _site("c"), _site("d")]
+    neurons = {"stem": 100, "a": 100, "b": 400, "c": 100, "d": 300}  # 1,000 neurons in all
+    T, m = 8, 4  # each chosen site costs 3 x its neurons
+    levels = m * T
+    sens = {("stem", T): 9.0, ("stem", levels): 0.0,  # encoding: already a population, never chosen
+            ("a", T): 3.0, ("a", levels): 0.0,        # gain per added neuron 0.0100
+            ("b", T): 6.0, ("b", levels): 0.0,        # 0.0050
+            ("c", T): 1.2, ("c", levels): 0.0,        # 0.0040
+            ("d", T): 0.5, ("d", levels): 0.6}        # no gain: never chosen
+    assert choose_populated(sites, sens, neurons, T, m, budget=0.0) == []
+    assert choose_populated(sites, sens, neurons, T, m, budget=0.29) == []     # 290 < 300 for a
+    assert choose_populated(sites, sens, neurons, T, m, budget=0.3) == ["a"]
+    assert choose_populated(sites, sens, neurons, T, m, budget=0.7) == ["a", "c"]  # b (1,200) does not fit
+    assert choose_populated(sites, sens, neurons, T, m, budget=1.5) == ["a", "b"]  # greedy: b before c
+    assert choose_populated(sites, sens, neurons, T, m, budget=10.0) == ["a", "b", "c"]
+    assert choose_populated(sites, sens, neurons, T, 1, budget=10.0) == []  # no population at this T
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.act2 = nn.ReLU()
+        self.head = nn.Linear(8, 5)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+
+    def forward(self, x):
+        x = self.act2(self.conv2(self.act1(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_sensitivity_predicts_the_change_of_the_predicted_class_log_probability():
+    model = _Tiny().double().eval()
+    images = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sites = find_sites(model, images[:1])
+    channel_max = {}
+    for s in sites:
+        seen = []
+        h = model.get_submodule(s.name).register_forward_hook(lambda m, i, o: seen.append(o))
+        with torch.no_grad():
+            model(images)
+        h.remove()
+        channel_max[s.name] = seen[0].transpose(0, 1).flatten(1).amax(dim=1)
+    levels = 64
+    sens, neurons = site_sensitivity(model, sites, channel_max, [images], [4, levels], budget=2**30)
+    assert neurons == {"act1": 8 * 64, "act2": 8 * 64}
+    with torch.no_grad():
+        ann = model(images).log_softmax(dim=1)
+        own = ann.argmax(dim=1, keepdim=True)
+    for s in sites:
+        # quantize this one site, and measure how the predicted class's log-probability really moves
+        qnet = copy.deepcopy(model)
+        theta = channel_max[s.name]
+        zero = torch.zeros_like(theta)
+        qnet.get_submodule(s.name).forward = lambda x: PF.qcfs(x, theta, zero, zero, levels)
+        with torch.no_grad():
+            moved = (qnet(images).log_softmax(dim=1) - ann).gather(1, own)
+        actual = (moved ** 2).mean().item()
+        assert actual > 0
+        assert sens[(s.name, levels)] == pytest.approx(actual, rel=0.2)  # first order, small error
+        assert sens[(s.name, 4)] > 4 * sens[(s.name, levels)]  # fewer levels, much larger error
+
+
+def test_a_budget_population_codes_hidden_sites_in_every_engine_and_file(tmp_path):
+    model = nets.vgg_small().eval()
+    model.pconv_source = pconv.ModelSource("factory", "nets:vgg_small")
+    images = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))]
+    calibration = pconv.calibrate(model, images, time_steps=[16, 64], method="none", population_budget=1.0)
+    chosen = calibration.populated[16]
+    assert chosen and "features.2" not in chosen  # the encoding site is a population anyway
+    assert 64 not in calibration.populated  # at T >= 64 levels there is no population to give
+    assert calibration.populations(16)[chosen[0]] == 4 and calibration.provenance["population_budget"] == 1.0
+    again = pconv.load_calibration(pconv.save_calibration(calibration, tmp_path / "c.safetensors"))
+    assert again.populated == calibration.populated
+    snn = pconv.convert(model, again, time_steps=16)
+    assert snn.info.populated == chosen and snn.neurons()[chosen[0]].population == 4
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        counts = snn(x)
+        assert torch.equal(counts, qcfs_network(model, again, 16)(x))  # the QCFS network, bit for bit
+        loaded = pconv.load(pconv.save(snn, tmp_path / "s.safetensors"), trust_factory=True)
+        assert loaded.info.populated == chosen and torch.equal(loaded(x), counts)
+    snn.set_engine("spikes")
+    with torch.inference_mode():
+        torch.testing.assert_close(snn(x), counts, rtol=1e-5, atol=1e-5)
+
+
+def test_no_budget_changes_nothing_and_bad_budgets_are_refused():
+    model = nets.vgg_small().eval()
+    images = [torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))]
+    plain = pconv.calibrate(model, images, time_steps=[4], method="none", population_budget=0)
+    assert plain.populated == {} and "population_budget" not in plain.provenance
+    for bad in (-0.1, True, "0.5", 101):
+        with pytest.raises(ConfigError, match="population budget"):
+            pconv.calibrate(model, images, time_steps=[4], population_budget=bad)
+
+
+@pytest.mark.parametrize("entry", ['["no_such_site"]', "{not json", '{"4": "features.5"}', '["features.5", 3]'])
+def test_a_corrupt_populated_entry_is_refused(tmp_path, entry):
+    assert_refused(snn_file_with_metadata(tmp_path, "populated", entry), "populated")

@@ -1,0 +1,68 @@
+"""`pconv bench` and the benchmark library: every field present and consistent (speed itself is measured in
+bench/, never asserted in a test)."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import nets
+import pconv
+from pconv.measure.benchmark import BENCH_ENGINES, BenchConfig, EngineResult, benchmark
+from pconv.cli.main import cli
+
+
+@pytest.fixture(scope="module")
+def snn_file(tmp_path_factory):
+    snn = pconv.convert(nets.vgg_small(), [torch.randn(8, 3, 32, 32)], time_steps=8)
+    return pconv.save(snn, tmp_path_factory.mktemp("bench") / "vgg.safetensors")
+
+
+def test_bench_json_reports_every_field(snn_file):
+    result = CliRunner().invoke(cli, ["bench", str(snn_file), "--trust-factory", "--batch-size", "4", "--iters", "1", "--warmup", "1",
+                                      "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["time_steps"] == 8 and doc["img_size"] == 32 and doc["input_size"] == [3, 32, 32]
+    assert doc["param_count"] == sum(p.numel() for p in nets.vgg_small().parameters())
+    assert [e["engine"] for e in doc["engines"]] == list(BENCH_ENGINES)
+    fields = set(EngineResult.__dataclass_fields__)
+    for e in doc["engines"]:
+        assert set(e) == fields
+        assert e["batch_size"] == 4 and e["samples_per_sec"] > 0 and e["latency_ms"] > 0
+        assert e["step_time_ms"] == pytest.approx(4000 / e["samples_per_sec"])
+        assert e["peak_memory_mb"] > 0
+        assert e["samples_per_sec_vs_ann"] > 0 and e["latency_vs_ann"] > 0
+    ann = doc["engines"][0]
+    assert ann["samples_per_sec_vs_ann"] == 1.0 and ann["latency_vs_ann"] == 1.0
+    by = {e["engine"]: e for e in doc["engines"]}
+    # The spike engine holds T copies of every activation; the count engine one.
+    assert by["spikes"]["peak_memory_mb"] > 4 * by["counts"]["peak_memory_mb"]
+
+
+def test_bench_table_and_bad_options(snn_file):
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["bench", str(snn_file), "--trust-factory", "-b", "2", "--iters", "1", "--warmup", "0",
+                             "--engines", "counts,ann", "--device", "cpu"])
+    assert ok.exit_code == 0, ok.stderr
+    rows = [line.split()[1] for line in ok.stdout.splitlines() if line.startswith("│")]
+    assert rows == ["counts", "ann"]  # the engines asked for, in the order asked, and no other
+    bad = runner.invoke(cli, ["bench", str(snn_file), "--trust-factory", "--engines", "ann,warp"])
+    assert bad.exit_code == 2 and "'warp' is not an engine" in bad.stderr  # a usage mistake
+    graph = runner.invoke(cli, ["bench", str(snn_file), "--trust-factory", "--cuda-graph", "--device", "cpu"])
+    assert graph.exit_code == 2 and "CUDA graphs need a CUDA device" in graph.stderr
+
+
+def test_reduced_precision_reports_agreement():
+    snn = pconv.convert(nets.vgg_small(), [torch.randn(8, 3, 32, 32)], time_steps=4)
+    config = BenchConfig(batch_size=8, precision="bf16", engines=("ann", "counts"), iters=1, latency_iters=1, warmup=0)
+    result = benchmark(snn, (3, 32, 32), config)
+    assert result.precision == "bf16"
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # benchmark's input
+    for e, module in zip(result.engines, (snn.to_ann(), snn)):
+        with torch.inference_mode():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                reduced = module(x).float().argmax(1)
+            full = module(x).argmax(1)
+        assert e.top1_agreement_vs_fp32 == pytest.approx(100.0 * (reduced == full).float().mean().item())
