@@ -42,13 +42,48 @@ MIN_FRACTION = 0.05
 SAMPLES_PER_CHANNEL = 8192
 
 
-def _candidate_sums(q: Tensor, y: Tensor, base: Tensor, fractions: Tensor, shifts: Tensor,
+#: Breakpoints looked up at a time, at most (candidates x levels x channels), to bound the search's memory.
+LOOKUP_ELEMENTS = 1 << 24
+
+
+class _SortedSamples:
+    """One site's samples, each channel sorted by the quantized network's input, with prefix sums of the ANN's
+    outputs: Σk·y and Σk² of any candidate then cost one lookup per quantization level instead of a pass over
+    the samples. With k = clamp(floor(scale·q + offset), 0, L) = #{j = 1..L : q >= (j - offset)/scale},
+
+        Σ_i k_i·y_i = Σ_j Σ_{q_i >= t_j} y_i            Σ_i k_i² = Σ_j (2j - 1)·#{q_i >= t_j}
+
+    (the breakpoints t_j in float64, against the exact inputs)."""
+
+    def __init__(self, q: Tensor, y: Tensor):
+        order = q.argsort(dim=1)
+        self.q = q.gather(1, order).double().contiguous()
+        ys = y.gather(1, order).double()
+        self.prefix = torch.cat([torch.zeros_like(ys[:, :1]), ys.cumsum(dim=1)], dim=1)
+        self.count = q.shape[1]
+
+    def sums(self, scale: Tensor, offset: Tensor, levels: int) -> Tensor:
+        """[C, J, 2]: (Σk·y, Σk²) of the J candidates (scale, offset: [C, J]) of every channel."""
+        channels, candidates = scale.shape
+        j = torch.arange(1, levels + 1, dtype=torch.float64, device=scale.device)
+        step = max(1, LOOKUP_ELEMENTS // max(1, channels * levels))
+        out = []
+        for start in range(0, candidates, step):
+            sc, off = scale[:, start:start + step], offset[:, start:start + step]
+            breakpoints = ((j - off.unsqueeze(2)) / sc.unsqueeze(2)).reshape(channels, -1)
+            below = torch.searchsorted(self.q, breakpoints)  # samples under each breakpoint
+            shape = (channels, sc.shape[1], levels)
+            above = (self.count - below).view(shape).double()
+            y_above = (self.prefix[:, -1:] - self.prefix.gather(1, below)).view(shape)
+            out.append(torch.stack([y_above.sum(dim=2), (above * (2 * j - 1)).sum(dim=2)], dim=2))
+        return torch.cat(out, dim=1)
+
+
+def _candidate_sums(samples: _SortedSamples, base: Tensor, fractions: Tensor, shifts: Tensor,
                     levels: int) -> Tensor:
-    """[C, 2]: (sum k*y, sum k^2) per channel for the per-channel candidate (threshold fraction, shift)."""
-    scale = (levels / (base * fractions).clamp_min(1e-6)).float().unsqueeze(1)
-    offset = (0.5 + shifts).float().unsqueeze(1)
-    k = torch.addcmul(offset, q, scale).floor_().clamp_(0, levels)
-    return torch.stack([(k * y).sum(dim=1, dtype=torch.float64), (k * k).sum(dim=1, dtype=torch.float64)], dim=1)
+    """[C, J, 2]: (sum k*y, sum k^2) per channel for the J per-channel candidates (threshold fraction, shift)."""
+    scale = levels / (base.unsqueeze(1) * fractions).clamp_min(1e-6)
+    return samples.sums(scale, 0.5 + shifts, levels)
 
 
 def _amplitude(sums: Tensor) -> Tensor:
@@ -69,20 +104,22 @@ def search_samples(q: Tensor, y: Tensor, theta: Tensor, levels: int) -> tuple[Te
 
     Two stages: the grid THRESHOLD_FRACTIONS x SHIFT_STEPS, then a finer grid around each channel's best
     (REFINE_FRACTIONS x REFINE_SHIFTS, which includes the first-stage choice)."""
-    q, y = q.float(), y.float()
     base = theta.double().to(q.device)
-    ones = torch.ones_like(base)
+    samples = _SortedSamples(q, y)
     grid = [(f, s) for f in THRESHOLD_FRACTIONS for s in SHIFT_STEPS]
-    sums = torch.stack([_candidate_sums(q, y, base, ones * f, ones * s, levels) for f, s in grid], dim=1)
-    best = _best(distributed.reduce_sum(sums))
-    fraction = torch.tensor([f for f, _ in grid], dtype=torch.float64, device=q.device)[best]
-    shift = torch.tensor([s for _, s in grid], dtype=torch.float64, device=q.device)[best]
-    fine = [((fraction + df).clamp(MIN_FRACTION, 1.0), shift + ds) for df in REFINE_FRACTIONS for ds in REFINE_SHIFTS]
-    sums = distributed.reduce_sum(torch.stack([_candidate_sums(q, y, base, f, s, levels) for f, s in fine], dim=1))
-    best = _best(sums)
+    ones = torch.ones(len(base), 1, dtype=torch.float64, device=q.device)
+    fractions = ones * torch.tensor([f for f, _ in grid], dtype=torch.float64, device=q.device)
+    shifts = ones * torch.tensor([s for _, s in grid], dtype=torch.float64, device=q.device)
+    best = _best(distributed.reduce_sum(_candidate_sums(samples, base, fractions, shifts, levels)))
     rows = torch.arange(len(base), device=q.device)
-    fraction = torch.stack([f for f, _ in fine], dim=1)[rows, best]
-    shift = torch.stack([s for _, s in fine], dim=1)[rows, best]
+    fraction, shift = fractions[rows, best], shifts[rows, best]
+    offsets = [(df, ds) for df in REFINE_FRACTIONS for ds in REFINE_SHIFTS]
+    fractions = (fraction.unsqueeze(1) + torch.tensor([df for df, _ in offsets], dtype=torch.float64,
+                                                      device=q.device)).clamp(MIN_FRACTION, 1.0)
+    shifts = shift.unsqueeze(1) + torch.tensor([ds for _, ds in offsets], dtype=torch.float64, device=q.device)
+    sums = distributed.reduce_sum(_candidate_sums(samples, base, fractions, shifts, levels))
+    best = _best(sums)
+    fraction, shift = fractions[rows, best], shifts[rows, best]
     new_theta = (base * fraction).clamp_min(1e-6)
     chosen = sums[rows, best]
     amplitude = torch.where(chosen[:, 1] > 0, _amplitude(chosen), new_theta / levels)
@@ -113,8 +150,8 @@ class SitePoint(Point):
         q, a = channels_last_2d(x_q), channels_last_2d(x_ann)
         if index is not None:
             q, a = q[:, index], a[:, index]
-        self.q.append(q.float())
-        self.y.append(activation(a, self.module.cap).float())
+        self.q.append(q)
+        self.y.append(activation(a, self.module.cap))
 
     def finish(self) -> None:
         module = self.module
