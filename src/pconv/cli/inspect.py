@@ -35,7 +35,7 @@ def describe(path: Path, thresholds: bool = True) -> dict[str, Any]:
     meta, header = read_metadata(path)
     model = None
     if meta.model is not None:
-        model = {"kind": meta.model.kind, "name": meta.model.name, "kwargs": meta.model.kwargs,
+        model = {"kind": meta.model.kind.value, "name": meta.model.name, "kwargs": meta.model.kwargs,
                  "needs_trust": meta.model.needs_trust}
     doc: dict[str, Any] = {
         "file": str(path),
