@@ -105,7 +105,7 @@ def _calibrate_at(work: nn.Module, calibration: Calibration, stats: dict[str, Ch
     notes = CALIBRATIONS.get(step.method).run(qnet, modules, batches, budget, _Labelled(progress, f"T={T}")) or {}
     calibration.params[T] = {name: SiteParams(m.theta.cpu(), m.delta_in.cpu(), m.delta_out.cpu())
                              for name, m in modules.items()}
-    changed = changed_weights(work, qnet, set(modules))
+    changed = changed_weights(work, qnet, calibration.sites)
     if changed:
         calibration.weights[T] = changed
     return notes

@@ -137,7 +137,7 @@ def test_paired_pass_equals_sequential_calibration(method, monkeypatch):
         assert torch.allclose(module.theta, theta.to(module.theta)), name
         assert torch.allclose(module.delta_in, delta_in.to(module.theta), atol=1e-12), name
         assert torch.allclose(module.delta_out, delta_out.to(module.theta), atol=1e-9), name
-    changed = changed_weights(model, qnet, modules)
+    changed = changed_weights(model, qnet, sites)
     if method == "fit":
         assert changed == {}
     else:  # every conv/linear after the first is refitted (weight and bias)

@@ -47,7 +47,6 @@ REFUSED = {
     "layernorm": (lambda: nets.WithAct(nets.ChannelNorm(4)), "act.norm", "layer_norm"),
     "product": (lambda: nets.WithAct(nets.Squared()), "act", "multiplies two input-dependent tensors"),
     "functional_relu": (nets.FunctionalReLU, "<model>", "applies relu functionally"),
-    "shared_relu": (nets.SharedReLU, "relu", "used at 2 places"),
 }
 
 
@@ -86,3 +85,27 @@ def test_model_without_relu_is_refused():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2)).eval()
     with pytest.raises(UnsupportedModelError, match="no nn.ReLU"):
         find_sites(model, torch.randn(1, 3, 2, 2))
+
+
+def test_a_module_called_twice_is_two_sites():
+    """timm and torchvision reuse one nn.ReLU within a block: each call gets its own site, in call order."""
+    sites = find_sites(nets.SharedReLU().eval(), torch.randn(1, 3, 12, 12))
+    assert [s.name for s in sites] == ["relu", "relu#2"]
+    assert [s.encoding for s in sites] == [True, False]
+
+
+def test_interpolation_is_linear_and_converts():
+    """Nearest and bilinear upsampling are linear in their input: they commute with the time-mean."""
+    class Upsampled(nn.Module):
+        def __init__(self, mode):
+            super().__init__()
+            self.conv1, self.relu1 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+            self.up = nn.Upsample(scale_factor=2, mode=mode)
+            self.conv2, self.relu2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.relu2(self.conv2(self.up(self.relu1(self.conv1(x))))).mean((2, 3)))
+
+    for mode in ("nearest", "bilinear"):
+        assert [s.name for s in find_sites(Upsampled(mode).eval(), torch.randn(1, 3, 8, 8))] == ["relu1", "relu2"]

@@ -12,7 +12,7 @@ cached inputs (or a second truncated forward when they would not fit in the memo
 from __future__ import annotations
 
 import copy
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -63,10 +63,11 @@ def _run(model: nn.Module, batches: Sequence[Tensor], progress: Tick, stop_early
 def reference_means(model: nn.Module, modules: Mapping[str, QCFS], batches: Sequence[Tensor],
                     progress: Tick = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-site channel means of (input, output) in the clipped full-precision reference network."""
-    reference = copy.deepcopy(model)
+    memo: dict[int, Any] = {}
+    reference = copy.deepcopy(model, memo)  # memo: each QCFS module -> its copy in the reference
     sums: dict[str, list] = {}
-    for name in modules:
-        module = reference.get_submodule(name)
+    for name, original in modules.items():
+        module = memo[id(original)]
         module.mode = QCFSMode.CLIP
         sums[name] = [0.0, 0.0, 0]
 

@@ -320,7 +320,7 @@ def run_paired(paired: PairedPass, batches: ImageBatches, budget: int, progress:
     local = batches.num_images
     fits = local > 0 and local * (per_image + tensor_bytes(first[0])) <= budget
     one_pass = not distributed.reduce_any(not fits)
-    room = max(budget - batches.held_bytes, 0)
+    room = 0.9 * max(budget - batches.held_bytes, 0)  # a tenth left for what the estimate does not see
     chunk = max(1, int(room // 2 // per_image))  # half the room for a chunk's pass, half for the kept cuts
     if one_pass:
         paired.on_fitted = progress.stage(f"{label}: {len(paired.order)} points in one pass", len(paired.order))
@@ -331,6 +331,6 @@ def run_paired(paired: PairedPass, batches: ImageBatches, budget: int, progress:
                 yield from x.split(chunk)
 
         tick = progress.stage(f"{label}: {len(paired.order)} points, one pass each", len(paired.order))
-        paired.fit_in_rounds(chunks, tick, cache_bytes=room // 2)
+        paired.fit_in_rounds(chunks, tick, cache_bytes=int(room // 2))
     paired.on_fitted = None
     return {"schedule": "one pass" if one_pass else f"rounds of {chunk} images"}

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..data.batches import ImageBatches
 from ..nn import functional as PF
 from ..nn.population import population_size
-from ..observe.sites import Site
+from ..observe.sites import Site, module_path, site_name
 from ..utils import distributed
 from ..utils.memory import TensorMeter
 from ..utils.progress import Progress
@@ -55,13 +55,16 @@ class _Sensitivity:
 
     def add(self, x: Tensor) -> None:
         captured: dict[str, tuple[Tensor, Tensor]] = {}
+        calls: dict[str, int] = {}
 
-        def tap(name: str):
+        def tap(path: str):  # a module called at several places: its k-th call is the site path#k
             def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-                captured[name] = (inputs[0].detach(), output)
+                calls[path] = calls.get(path, 0) + 1
+                captured[site_name(path, calls[path])] = (inputs[0].detach(), output)
             return hook
 
-        handles = [self.model.get_submodule(s.name).register_forward_hook(tap(s.name)) for s in self.sites]
+        paths = sorted({module_path(s) for s in self.sites})
+        handles = [self.model.get_submodule(path).register_forward_hook(tap(path)) for path in paths]
         try:
             with torch.enable_grad():
                 x = x.to(self.device).detach().requires_grad_(True)  # every site output joins the graph

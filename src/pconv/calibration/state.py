@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..models.source import ModelSource
 from ..nn.population import populations
-from ..observe.sites import Site
+from ..observe.sites import Site, is_site_state, module_path
 from .config import CalibrationConfig, Step
 
 
@@ -63,12 +63,13 @@ class Calibration:
         return populations(self.sites, time_steps, self.encoding_levels, self.populated.get(time_steps, ()))
 
 
-def changed_weights(original: nn.Module, calibrated: nn.Module, sites: set[str]) -> dict[str, Tensor]:
+def changed_weights(original: nn.Module, calibrated: nn.Module, sites: list[Site]) -> dict[str, Tensor]:
     """State-dict entries of `calibrated` (its sites left out) that `original` lacks or holds other values for."""
     before = original.state_dict()
+    paths = {module_path(s) for s in sites}
     changed = {}
     for key, value in calibrated.state_dict().items():
-        if key.rpartition(".")[0] in sites:
+        if is_site_state(key, paths):
             continue
         if key not in before or not torch.equal(before[key], value):
             changed[key] = value.detach().cpu().clone()

@@ -21,6 +21,7 @@ from ..models.checkpoints import add_missing_biases, load_weights
 from ..models.source import ModelKind, ModelSource
 from ..nn.network import ConversionInfo, SpikingNetwork, spiking_network
 from ..nn.neurons import NEURONS
+from ..observe.sites import is_site_state, module_path
 from .atomic import atomic_write
 from .format import (ANN_PREFIX, CALIBRATION_TENSORS, NEURON_TENSORS, REFIT_PREFIX, FileMetadata, check_tensor_shapes,
                      read_metadata)
@@ -56,13 +57,11 @@ def save(snn: SpikingNetwork, path: str | Path, force: bool = False) -> Path:
     """Write `snn` to one safetensors file (atomically). Refuses to overwrite without `force`."""
     info = snn.info
     _require_source(info.source)
-    site_names = {s.name for s in info.sites}
+    paths = {module_path(s) for s in info.sites}
     tensors: dict[str, Tensor] = {}
     for key, value in snn.net.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        if owner in site_names:
-            continue
-        tensors[f"weights.{key}"] = _portable(value)
+        if not is_site_state(key, paths):  # the neurons' own vectors are stored by site, below
+            tensors[f"weights.{key}"] = _portable(value)
     for name, neuron in snn.neurons().items():
         for leaf in NEURON_TENSORS:
             tensors[f"neurons.{name}.{leaf}"] = _portable(getattr(neuron, leaf))

@@ -11,8 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.source import ModelSource
-from ..observe.sites import ACTIVATIONS, Site
-from ..utils.swap import swap_by_name
+from ..observe.sites import ACTIVATIONS, Site, site_modules, swap_sites, unswap_sites
 from .neurons import NEURONS, Engine, SpikingNeuron, as_engine
 from .population import populations
 
@@ -58,21 +57,18 @@ def spiking_network(net: nn.Module, info: ConversionInfo, params: Mapping[str, N
     populations = info.populations()
     device = next(net.parameters()).device
 
-    kinds = {s.name: s.activation for s in info.sites}
+    def make(module: nn.Module, site: Site) -> SpikingNeuron:
+        if ACTIVATIONS.get(type(module), ("",))[0] != site.activation:
+            raise ConfigError(f"site {site.name} is a {site.activation} in the SNN description but "
+                              f"{type(module).__name__} in the model", "use the calibration or file made for this model")
+        theta_in, bias, theta_out = (t.to(device) for t in params[site.name])
+        return cls(theta_in, bias, theta_out, info.time_steps, populations[site.name])
 
-    def make(module: nn.Module, name: str) -> SpikingNeuron:
-        if ACTIVATIONS.get(type(module), ("",))[0] != kinds[name]:
-            raise ConfigError(f"site {name} is a {kinds[name]} in the SNN description but {type(module).__name__} "
-                              "in the model", "use the calibration or file made for this model")
-        theta_in, bias, theta_out = (t.to(device) for t in params[name])
-        return cls(theta_in, bias, theta_out, info.time_steps, populations[name])
-
-    wanted = {s.name for s in info.sites}
-    swapped = swap_by_name(net, {name: make for name in wanted})
-    if len(swapped) != len(wanted):
-        missing = sorted(wanted - set(swapped))
-        raise ConfigError(f"the SNN description names activation sites the model does not have (e.g. {missing[0]})",
-                          "use the calibration or file made for this model")
+    try:
+        swap_sites(net, info.sites, make)
+    except KeyError as e:
+        raise ConfigError(f"the SNN description names activation sites the model does not have (e.g. {e.args[0]})",
+                          "use the calibration or file made for this model") from None
     return SpikingNetwork(net, info)
 
 
@@ -113,7 +109,7 @@ class SpikingNetwork(nn.Module):
         return self
 
     def neurons(self) -> dict[str, SpikingNeuron]:
-        return {s.name: self.net.get_submodule(s.name) for s in self.info.sites}
+        return site_modules(self.net, self.info.sites)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._engine is Engine.COUNTS:
@@ -148,7 +144,7 @@ class SpikingNetwork(nn.Module):
     def to_ann(self) -> nn.Module:
         """A copy of the source ANN: the same weights with the original activations back."""
         ann = copy.deepcopy(self.net)
-        swap_by_name(ann, {s.name: (lambda m, n, s=s: _ACTIVATION_TYPES[s.activation]()) for s in self.info.sites})
+        unswap_sites(ann, self.info.sites, lambda site: _ACTIVATION_TYPES[site.activation]())
         with torch.no_grad():
             for key, value in self.ann_weights.items():  # undo a layer refit
                 owner, _, leaf = key.rpartition(".")
@@ -164,10 +160,10 @@ class SpikingNetwork(nn.Module):
         cls = NEURONS.get(kind)
         net = copy.deepcopy(self.net)
 
-        def rebuild(old: SpikingNeuron, name: str) -> SpikingNeuron:
+        def rebuild(old: SpikingNeuron, site: Site) -> SpikingNeuron:
             return cls(old.theta_in, old.bias, old.theta_out, old.time_steps, old.population)
 
-        swap_by_name(net, {s.name: rebuild for s in self.info.sites})
+        swap_sites(net, self.info.sites, rebuild)
         info = copy.copy(self.info)
         info.neuron = kind
         snn = SpikingNetwork(net, info)

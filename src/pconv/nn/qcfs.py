@@ -8,8 +8,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..observe.sites import Site
-from ..utils.swap import swap_by_name
+from ..observe.sites import Site, swap_sites
 from . import functional as PF
 
 
@@ -81,16 +80,12 @@ def quantize(model: nn.Module, sites: Sequence[Site], thetas: Mapping[str, Tenso
     `populations` gives the neurons per channel of the population-coded sites (Calibration.populations);
     a site it leaves out has one."""
     populations = populations or {}
-    modules: dict[str, QCFS] = {}
-    by_name = {s.name: s for s in sites}
+    device = next(model.parameters()).device
 
-    def make(module: nn.Module, name: str) -> QCFS:
-        site = by_name[name]
-        theta = thetas[name].to(next(model.parameters()).device)
+    def make(module: nn.Module, site: Site) -> QCFS:
+        theta = thetas[site.name].to(device)
         if site.cap is not None:
             theta = theta.clamp(max=site.cap)
-        modules[name] = QCFS(theta, levels, site.cap, populations.get(name, 1))
-        return modules[name]
+        return QCFS(theta, levels, site.cap, populations.get(site.name, 1))
 
-    swap_by_name(model, {s.name: make for s in sites})
-    return modules
+    return swap_sites(model, sites, make)

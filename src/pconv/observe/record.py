@@ -16,8 +16,7 @@ from torch import Tensor, nn
 
 from ..config import DEFAULT_BINS
 from ..utils import distributed
-from ..utils.swap import swap_by_name
-from .sites import Site
+from .sites import Site, site_modules, swap_sites, unswap_sites
 
 
 @dataclass
@@ -100,13 +99,8 @@ def record_activations(
     progress: Callable[[], None] | None = None,
 ) -> dict[str, ChannelStats]:
     """Per-site channel statistics. `model` is modified during the call and restored afterwards."""
-    observers: dict[str, ActivationObserver] = {}
-
-    def wrap(module: nn.Module, name: str) -> nn.Module:
-        observers[name] = ActivationObserver(module, bins)
-        return observers[name]
-
-    swap_by_name(model, {s.name: wrap for s in sites})
+    originals = site_modules(model, sites)
+    observers = swap_sites(model, sites, lambda module, site: ActivationObserver(module, bins))
     device = next(model.parameters()).device
     try:
         run_batches(model, batches, device, progress)
@@ -120,5 +114,5 @@ def record_activations(
             for obs in observers.values():  # histograms share bin edges, so they merge by addition
                 obs.hist = distributed.reduce_sum(obs.hist)
     finally:
-        swap_by_name(model, {name: (lambda m, n: m.activation) for name in observers})
+        unswap_sites(model, sites, lambda site: originals[site.name])
     return {name: obs.compute() for name, obs in observers.items()}

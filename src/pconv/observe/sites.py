@@ -8,6 +8,7 @@ must be affine (or max pooling), otherwise the network is refused with the modul
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,8 @@ _AFFINE = {
     "mean", "sum", "chunk", "split", "tensor_split", "unbind", "narrow", "to", "float", "double", "half",
     "type_as", "detach", "flip", "roll", "repeat", "tile", "zero_pad2d", "identity", "movedim", "unflatten",
     "channel_shuffle", "pixel_shuffle", "pixel_unshuffle", "__setitem__", "copy_",
+    # every interpolation mode is a fixed linear map of its input (nearest, bilinear, bicubic, area)
+    "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
 }
 # Max pooling commutes with sorted spike trains of one amplitude per channel (DESIGN §2).
 _MAX_POOL = {"max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
@@ -54,7 +57,7 @@ _METADATA = {"size", "dim", "__get__", "numel", "__len__", "stride", "is_contigu
 class Site:
     """One activation module that becomes a spiking neuron."""
 
-    name: str  # dotted path of the activation module
+    name: str  # dotted path of the activation module; its k-th call in a forward (k >= 2) is "path#k"
     activation: str  # "relu" | "relu6"
     channels: int
     ndim: int  # rank of the activation tensor, batch included
@@ -138,8 +141,9 @@ class _Probe(TorchFunctionMode):
 def find_sites(model: nn.Module, example: Tensor) -> list[Site]:
     """Return the activation sites of `model` in execution order, or raise UnsupportedModelError.
 
-    `example` is one input batch (a single image is enough); the model must be in eval mode.
-    """
+    `example` is one input batch (a single image is enough); the model must be in eval mode. An activation
+    module called at k places in one forward (timm and torchvision reuse one nn.ReLU within a block) is k sites,
+    `path`, `path#2`, ..., `path#k`, in call order: each call gets its own neurons (`swap_sites`)."""
     site_names = {id(m): name for name, m in model.named_modules() if is_activation(m)}
     stack: list[tuple[str, nn.Module]] = []
     calls: dict[str, int] = {}
@@ -147,11 +151,12 @@ def find_sites(model: nn.Module, example: Tensor) -> list[Site]:
     names = {id(m): name for name, m in model.named_modules()}
     handles = []
     encoding: dict[str, bool] = {}
+    seen: set[str] = set()
 
     def pre_hook(module, inputs):
         stack.append((names[id(module)], module))
         name = site_names.get(id(module))
-        if name is not None and name not in encoding:
+        if name is not None:
             encoding[name] = not any(isinstance(t, Tensor) and id(t) in probe.spiking for t in inputs)
 
     def post_hook(module, inputs, output):
@@ -161,10 +166,12 @@ def find_sites(model: nn.Module, example: Tensor) -> list[Site]:
             return
         probe.mark_spiking(output)
         calls[name] = calls.get(name, 0) + 1
-        if calls[name] == 1 and isinstance(output, Tensor):
+        key = site_name(name, calls[name])
+        if isinstance(output, Tensor) and key not in seen:
+            seen.add(key)
             activation, cap = ACTIVATIONS[type(module)]
             channels = output.shape[1] if output.dim() > 1 else 1
-            order.append(Site(name, activation, int(channels), output.dim(), cap, encoding[name]))
+            order.append(Site(key, activation, int(channels), output.dim(), cap, encoding.pop(name)))
 
     probe = _Probe(stack, set(site_names))
     for module in model.modules():
@@ -187,15 +194,6 @@ def find_sites(model: nn.Module, example: Tensor) -> list[Site]:
             "dropout may sit between ReLU/ReLU6 activations",
             module_path=path,
         )
-    shared = {n: c for n, c in calls.items() if c > 1}
-    if shared:
-        name, count = next(iter(shared.items()))
-        raise UnsupportedModelError(
-            f"activation module {name} ({type(model.get_submodule(name)).__name__}) is used at {count} places "
-            "in one forward pass",
-            "a spiking neuron belongs to one site; give each use its own nn.ReLU module",
-            module_path=name,
-        )
     for site in order:
         if site.ndim < 2:
             raise UnsupportedModelError(
@@ -206,3 +204,101 @@ def find_sites(model: nn.Module, example: Tensor) -> list[Site]:
             "the model has no nn.ReLU or nn.ReLU6 activation modules to convert",
             "pconv converts ReLU-family networks; functional activations are not visible to it")
     return order
+
+
+# --- sites of a module called more than once -----------------------------------------------------------
+
+
+def site_name(module_path: str, call: int) -> str:
+    """The site of the `call`-th (1-based) call of the activation module at `module_path`."""
+    return module_path if call == 1 else f"{module_path}#{call}"
+
+
+def module_path(site: str | Site) -> str:
+    """The dotted path of the module a site belongs to."""
+    return (site.name if isinstance(site, Site) else site).partition("#")[0]
+
+
+class PerCall(nn.Module):
+    """Stands in for an activation module that one forward calls several times: call k goes to module k.
+
+    The count restarts at every forward of the model it sits in (reset_calls, a forward pre-hook there)."""
+
+    def __init__(self, modules: list[nn.Module]):
+        super().__init__()
+        self.calls = nn.ModuleList(modules)
+        self.next = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        module = self.calls[self.next % len(self.calls)]
+        self.next += 1
+        return module(x)
+
+
+def reset_calls(model: nn.Module, inputs: tuple = ()) -> None:
+    """Restart the call count of every PerCall in `model` (a forward pre-hook of the model itself; it finds
+    them afresh each time, so a deep copy of the model keeps working)."""
+    for module in model.modules():
+        if isinstance(module, PerCall):
+            module.next = 0
+
+
+def _groups(sites: Sequence[Site]) -> dict[str, list[Site]]:
+    groups: dict[str, list[Site]] = {}
+    for site in sites:
+        groups.setdefault(module_path(site), []).append(site)
+    return {path: sorted(group, key=lambda s: _call(s.name)) for path, group in groups.items()}
+
+
+def _call(name: str) -> int:
+    _, _, k = name.partition("#")
+    return int(k) if k else 1
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    owner, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, leaf, module)
+
+
+def swap_sites(model: nn.Module, sites: Sequence[Site], make: Callable[[nn.Module, Site], nn.Module]
+               ) -> dict[str, nn.Module]:
+    """Replace, in place, the module at every site by `make(module now at the site, site)`; a module called at
+    several places becomes a PerCall of one replacement per call. Returns the replacement of every site.
+    Raises KeyError naming a site whose module the model lacks."""
+    replaced: dict[str, nn.Module] = {}
+    for path, group in _groups(sites).items():
+        try:
+            current = model.get_submodule(path)
+        except AttributeError:
+            raise KeyError(group[0].name) from None
+        if isinstance(current, PerCall):
+            for site in group:
+                index = _call(site.name) - 1
+                current.calls[index] = replaced[site.name] = make(current.calls[index], site)
+            continue
+        made = [make(current, site) for site in group]
+        replaced.update({site.name: m for site, m in zip(group, made)})
+        _set(model, path, made[0] if len(made) == 1 else PerCall(made))
+        if len(made) > 1 and reset_calls not in model._forward_pre_hooks.values():
+            model.register_forward_pre_hook(reset_calls)
+    return replaced
+
+
+def unswap_sites(model: nn.Module, sites: Sequence[Site], make: Callable[[Site], nn.Module]) -> None:
+    """Put back, in place, one module per site module (`make(its first site)`), undoing swap_sites."""
+    for path, group in _groups(sites).items():
+        _set(model, path, make(group[0]))
+
+
+def site_modules(model: nn.Module, sites: Sequence[Site]) -> dict[str, nn.Module]:
+    """The module that runs at every site (for a PerCall, the one of that call)."""
+    out = {}
+    for site in sites:
+        module = model.get_submodule(module_path(site))
+        out[site.name] = module.calls[_call(site.name) - 1] if isinstance(module, PerCall) else module
+    return out
+
+
+def is_site_state(key: str, paths: set[str]) -> bool:
+    """Whether a state-dict key belongs to a site's module (a neuron or QCFS, not the network's weights)."""
+    return any(key == p or key.startswith(p + ".") for p in paths)
