@@ -54,7 +54,7 @@ def main() -> None:
         result = benchmark(snn, size, config)
         runs.append(result.to_dict())
         for e in result.engines:
-            print(f"T={T:3d} {e.engine:7s} {e.samples_per_sec:9.1f} img/s  batch {e.step_time_ms:9.1f} ms  "
+            print(f"T={T:3d} {e.engine:7s} {e.samples_per_sec:9.1f} img/s  batch {e.step_time:9.1f} ms  "
                   f"bs1 {e.latency_ms:8.2f} ms  peak {e.peak_memory_mb:8.1f} MB  "
                   f"x{e.samples_per_sec_vs_ann or 0:.3f} of ANN img/s", flush=True)
     machine = {"machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),

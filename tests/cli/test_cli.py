@@ -150,7 +150,7 @@ def test_eval_json_agrees_with_library(snn_file, folders):
     assert doc["sites"] == expected["sites"]
     assert doc["layers"] == expected["layers"]
     assert doc["num_images"] == 18 and doc["batch_size"] == 7 and doc["img_size"] == 16
-    assert doc["samples_per_sec"] > 0 and doc["step_time_ms"] > 0
+    assert doc["samples_per_sec"] > 0 and doc["step_time"] > 0
     assert doc["top1_err"] == pytest.approx(100 - doc["top1"])
     assert [layer["input"] for layer in doc["layers"]] == ["image", "spikes", "graded"]
 

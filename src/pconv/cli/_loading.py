@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..calibration import Calibration, CalibrationConfig
 from ..config import DEFAULT_CALIBRATION_IMAGES
-from ..data.config import check_data_config, data_config_of
+from ..data.config import data_config_of, override_data_config
 from ..data.folders import image_dataset, subset
 from ..errors import ConfigError
 from ..models.source import create_model
@@ -41,28 +41,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def apply_overrides(data_config: dict[str, Any], mean=None, std=None, input_size=None) -> dict[str, Any]:
-    """The data config with --mean/--std/--input-size applied (single values broadcast over channels); a
-    value that does not fit is a usage error naming the option."""
-    cfg = dict(data_config)
-    if input_size is not None:
-        channels = (cfg.get("input_size") or (3,))[0]
-        size = tuple(input_size)
-        cfg["input_size"] = size if len(size) == 3 else (channels, *(size * 2 if len(size) == 1 else size))
-    channels = (cfg.get("input_size") or (3,))[0]
-    for key, value in (("mean", mean), ("std", std)):
-        if value is None:
-            continue
-        if len(value) == 1:
-            value = value * channels
-        if len(value) != channels:
-            raise click.BadParameter(f"{len(value)} values for {channels} input channels — give one value or "
-                                     f"{channels}", param_hint=f"'--{key}'")
-        if key == "std" and min(value) <= 0:
-            raise click.BadParameter("std values must be positive — for example --std 0.229,0.224,0.225",
-                                     param_hint="'--std'")
-        cfg[key] = tuple(value)
-    return check_data_config(cfg)
+def apply_overrides(data_config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """The data config with the preprocessing options given on the command line (None: not given); a value that
+    does not fit (two means for three channels, a std of 0) is a usage error naming the option."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return override_data_config(data_config, **given)
+    except ConfigError as e:
+        option = next((f"--{k.replace('_', '-')}" for k in given if k in e.message), None)
+        if option is None and not given:
+            raise  # the model's own config is incomplete: not a usage mistake
+        raise click.BadParameter(f"{e.message} — {e.hint}", param_hint=f"'{option}'" if option else None) from None
 
 
 def make_loader(root: Path, data_config: dict[str, Any], batch_size: int, num_images: int | None, seed: int,
@@ -101,17 +90,39 @@ class FirstPassProgress:
                 advance()
 
 
-def model_label(spec: str, checkpoint: Path | None) -> str:
-    return f"{spec} + {checkpoint.name}" if checkpoint else spec
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model the command line asked for, and where its weights come from."""
+
+    spec: str
+    checkpoint: Path | None = None
+    pretrained: bool = False
+    use_ema: bool = False
+    random_weights: bool = False
+    num_classes: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the weights came from, for the calibration's provenance."""
+        return {"checkpoint": self.checkpoint.name if self.checkpoint else None, "pretrained": self.pretrained,
+                "use_ema": self.use_ema, "random_weights": self.random_weights}
+
+    @property
+    def label(self) -> str:
+        weights = self.checkpoint.name if self.checkpoint else "pretrained" if self.pretrained else None
+        return f"{self.spec} + {weights}" if weights else self.spec
 
 
-def load_model(spec: str, checkpoint: Path | None, num_classes: int | None, random_weights: bool,
-               device: torch.device, overrides: dict[str, Any]) -> tuple[nn.Module, dict[str, Any], list[Site]]:
-    """The source ANN on `device`, its data config (with the --mean/--std/--input-size `overrides`) and its
-    activation sites, from a probe on one blank input, so an unsupported network is refused before any
-    image is read."""
-    model = create_model(spec, checkpoint=checkpoint, num_classes=num_classes, random_weights=random_weights)
-    data_config = apply_overrides(data_config_of(model), **overrides)
+def load_model(choice: ModelChoice, device: torch.device, overrides: dict[str, Any],
+               use_test_size: bool = True) -> tuple[nn.Module, dict[str, Any], list[Site]]:
+    """The source ANN on `device`, its data config as validate.py resolves it (`overrides`: the preprocessing
+    options given) and its activation sites, from a probe on one blank input, so an unsupported network is
+    refused before any image is read."""
+    model = create_model(choice.spec, checkpoint=choice.checkpoint, num_classes=choice.num_classes,
+                         pretrained=choice.pretrained, random_weights=choice.random_weights, use_ema=choice.use_ema,
+                         **choice.kwargs)
+    data_config = apply_overrides(data_config_of(model, use_test_size=use_test_size), **overrides)
     model.to(device)
     sites = find_sites(model, torch.zeros(1, *data_config["input_size"], device=device))
     return model, data_config, sites

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,10 +12,12 @@ import click
 from ..calibration import CALIBRATIONS
 from ..config import (DEFAULT_ENCODING_LEVELS, DEFAULT_METHOD, DEFAULT_POPULATION_BUDGET, DEFAULT_THRESHOLD,
                       MAX_TIME_STEPS, check_time_steps)
+from ..data.config import CROP_MODES, INTERPOLATIONS
 from ..errors import ConfigError
 from ..nn.neurons import ENGINES, NEURONS
 from ..observe.thresholds import THRESHOLDS, ThresholdSpec
 from ..utils.memory import GiB, default_budget, parse_budget
+from ._loading import ModelChoice
 
 DEBUG_KEY = "pconv.debug"
 
@@ -109,15 +113,56 @@ class InputSize(click.ParamType):
         return size
 
 
+class ModelKwargs(click.ParamType):
+    """`key=value` (repeatable, or comma-separated), the value read as a Python literal or else as text."""
+
+    name = "KEY=VALUE"
+
+    def convert(self, value: Any, param, ctx) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        out = {}
+        for item in str(value).split(","):
+            key, sep, text = item.strip().partition("=")
+            if not sep or not key.isidentifier():
+                self.fail(f"{item!r} is not key=value — e.g. --model-kwargs drop_rate=0.0", param, ctx)
+            try:
+                out[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                out[key] = text
+        return out
+
+
 def model_options(f: Callable) -> Callable:
-    f = click.option("--random-weights", is_flag=True,
-                     help="Convert the architecture with its random initial weights (tests, speed benchmarks); "
-                          "without it a model needs --checkpoint.")(f)
-    f = click.option("--num-classes", type=click.IntRange(min=1), default=None,
-                     help="Classifier size, if it differs from the model's default (timm models).")(f)
-    f = click.option("--checkpoint", "-c", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Weights file (.safetensors, or .pth/.pt loaded weights-only).")(f)
-    return f
+    """--checkpoint, --pretrained, --use-ema, --num-classes, --model-kwargs, --random-weights; the command gets
+    them, with its MODEL argument, as one `choice` (a _loading.ModelChoice)."""
+    @functools.wraps(f)
+    def grouped(*args, **kwargs):
+        model_kwargs = {}
+        for part in kwargs.pop("model_kwargs"):
+            model_kwargs.update(part)
+        kwargs["choice"] = ModelChoice(kwargs.pop("model"), kwargs.pop("checkpoint"), kwargs.pop("pretrained"),
+                                       kwargs.pop("use_ema"), kwargs.pop("random_weights"), kwargs.pop("num_classes"),
+                                       model_kwargs)
+        return f(*args, **kwargs)
+
+    grouped = click.option("--random-weights", is_flag=True,
+                           help="Convert the architecture with its random initial weights (tests, speed benchmarks); "
+                                "without it a model needs --checkpoint or --pretrained.")(grouped)
+    grouped = click.option("--model-kwargs", type=ModelKwargs(), multiple=True,
+                           help="Keyword arguments for timm.create_model, key=value (repeatable), as validate.py's "
+                                "--model-kwargs.")(grouped)
+    grouped = click.option("--num-classes", type=click.IntRange(min=1), default=None,
+                           help="Classifier size, if it differs from the model's default (timm models).")(grouped)
+    grouped = click.option("--use-ema", is_flag=True,
+                           help="Take the EMA weights of a timm training checkpoint (state_dict_ema), as "
+                                "validate.py --use-ema.")(grouped)
+    grouped = click.option("--pretrained", is_flag=True,
+                           help="timm's pretrained weights of MODEL (e.g. resnet50.a1_in1k or hf-hub:timm/NAME), "
+                                "from the local Hugging Face cache.")(grouped)
+    return click.option("--checkpoint", "-c", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="Weights file: .safetensors, .pth/.pt, or a timm training checkpoint (.pth.tar), "
+                             "loaded weights-only.")(grouped)
 
 
 def trust_factory_option(f: Callable) -> Callable:
@@ -136,11 +181,37 @@ def class_map_option(f: Callable) -> Callable:
                              "[default: DIR/class_map.txt if present].")(f)
 
 
-def preprocessing_options(f: Callable) -> Callable:
-    f = click.option("--input-size", type=InputSize(), default=None, help="Override the input size (C,H,W).")(f)
-    f = click.option("--std", type=FloatList(), default=None, help="Override the normalisation std.")(f)
-    f = click.option("--mean", type=FloatList(), default=None, help="Override the normalisation mean.")(f)
-    return f
+def preprocessing_options(train_size: bool) -> Callable[[Callable], Callable]:
+    """The data-config options validate.py has (and --use-train-size when the model's config is read, not a
+    file's); the command gets them as one `overrides` dict (None: not given)."""
+    names = ("input_size", "img_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+    def wrap(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def grouped(*args, **kwargs):
+            kwargs["overrides"] = {name: kwargs.pop(name) for name in names}
+            return f(*args, **kwargs)
+
+        options = [
+            click.option("--crop-mode", type=click.Choice(CROP_MODES), default=None, help="Override the crop mode."),
+            click.option("--crop-pct", type=click.FloatRange(0.0, 4.0, min_open=True), default=None,
+                         help="Override the centre-crop fraction."),
+            click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None,
+                         help="Override the resize interpolation."),
+            click.option("--std", type=FloatList(), default=None, help="Override the normalisation std."),
+            click.option("--mean", type=FloatList(), default=None, help="Override the normalisation mean."),
+            click.option("--img-size", type=click.IntRange(min=1), default=None,
+                         help="Override the input image size (square)."),
+            click.option("--input-size", type=InputSize(), default=None, help="Override the input size (C,H,W)."),
+        ]
+        if train_size:
+            options.insert(0, click.option("--use-train-size", is_flag=True,
+                                           help="The model's training input size and crop instead of its test ones "
+                                                "(validate.py --use-train-size)."))
+        for option in options:
+            grouped = option(grouped)
+        return grouped
+    return wrap
 
 
 def loader_options(default_batch: int = 64) -> Callable[[Callable], Callable]:

@@ -178,3 +178,37 @@ def plan_summary(calibration: Calibration, time_steps: list[int]) -> str:
     ran = [f"{step} at T={T}" for T, step in steps.items()
            if step.method != calibration.method or str(step.threshold) != calibration.threshold]
     return calibration.method + (f" ({', '.join(ran)})" if ran else "")
+
+
+RESULTS_FORMATS = ("csv", "json")
+#: The columns of a results row: timm's validate.py's first, then the SNN's (scalars only, so rows of CSV files
+#: from both join).
+RESULTS_COLUMNS = ("model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
+                   "interpolation", "time_steps", "neuron", "engine", "ann_top1", "ann_top5", "top1_agreement",
+                   "mean_firing_rate", "sops_per_image", "ann_macs_per_image", "snn_macs_per_image",
+                   "samples_per_sec", "step_time", "ann_samples_per_sec", "ann_step_time", "batch_size",
+                   "num_images", "file", "data")
+
+
+def results_row(doc: dict[str, Any]) -> dict[str, Any]:
+    return {key: doc.get(key) for key in RESULTS_COLUMNS}
+
+
+def write_results_file(path, rows: list[dict[str, Any]], fmt: str | None, force: bool) -> None:
+    """The rows as validate.py writes its results: a CSV table with a header, or a JSON list (atomically)."""
+    import csv
+
+    from ..files.atomic import atomic_write
+
+    fmt = fmt or ("json" if str(path).lower().endswith(".json") else "csv")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            if fmt == "json":
+                json.dump(rows, f, indent=4)
+            else:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+
+    atomic_write(path, write, force)

@@ -44,7 +44,7 @@ def render(console, result: BenchResult, title: str) -> None:
     if any(e.top1_agreement_vs_fp32 is not None for e in result.engines):
         table.add_column("top-1 agree fp32", justify="right")
     for e in result.engines:
-        row = [e.engine, f"{e.samples_per_sec:.1f}", f"{e.step_time_ms:.2f}", f"{e.latency_ms:.2f}",
+        row = [e.engine, f"{e.samples_per_sec:.1f}", f"{e.step_time:.2f}", f"{e.latency_ms:.2f}",
                f"{e.peak_memory_mb:.1f}", _ratio(e.samples_per_sec_vs_ann), _ratio(e.latency_vs_ann)]
         if e.top1_agreement_vs_fp32 is not None:
             row.append(f"{e.top1_agreement_vs_fp32:.1f}%")

@@ -14,7 +14,8 @@ from ..config import DEFAULT_CALIBRATION_IMAGES
 from ..files.atomic import check_output
 from ..files.export import save_calibration
 from ..utils import distributed
-from ._loading import FolderRun, calibrate_on_folder, calibration_config, load_model, model_label, resolve_device
+from ._loading import (FolderRun, ModelChoice, calibrate_on_folder, calibration_config, load_model,
+                       resolve_device)
 from ._options import (TimeStepsList, calibration_options, debug_option, device_option, json_option, loader_options,
                        model_options, num_images_option, preprocessing_options)
 from ._output import (MEMORY_KEYS, Output, encoding_summary, human_bytes, key_value_table, memory_summary,
@@ -33,15 +34,15 @@ from ._output import (MEMORY_KEYS, Output, encoding_summary, human_bytes, key_va
 @num_images_option(f"Calibration images, drawn with --seed [default: all, at most {DEFAULT_CALIBRATION_IMAGES}].")
 @loader_options(default_batch=64)
 @calibration_options
-@preprocessing_options
+@preprocessing_options(train_size=True)
 @device_option
 @click.option("--force", "-f", is_flag=True, help="Overwrite the output file if it exists.")
 @json_option
 @debug_option
-def calibrate(model: str, data: Path, output: Path, time_steps: list[int], checkpoint: Path | None,
-              num_classes: int | None, random_weights: bool, num_images: int | None, batch_size: int, seed: int,
-              workers: int, threshold: str, method: str, encoding_levels: int, population_budget: float,
-              memory_budget: int | None, mean, std, input_size, device: str, force: bool, as_json: bool) -> None:
+def calibrate(choice: ModelChoice, data: Path, output: Path, time_steps: list[int], num_images: int | None,
+              batch_size: int, seed: int, workers: int, threshold: str, method: str, encoding_levels: int,
+              population_budget: float, memory_budget: int | None, overrides: dict, use_train_size: bool, device: str,
+              force: bool, as_json: bool) -> None:
     """Record thresholds and calibration statistics of MODEL on the images in --data.
 
     The file holds everything `pconv convert --calib` needs for each T given with -T, so conversion can be
@@ -52,10 +53,8 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
     check_output(output, force)  # fail before the expensive part
     started = time.perf_counter()
     dev = resolve_device(device)
-    net, data_config, sites = load_model(model, checkpoint, num_classes, random_weights, dev,
-                                         dict(mean=mean, std=std, input_size=input_size))
-    run = FolderRun(data, num_images, batch_size, seed, workers, memory_budget,
-                    {"checkpoint": checkpoint.name if checkpoint else None})
+    net, data_config, sites = load_model(choice, dev, overrides, use_test_size=not use_train_size)
+    run = FolderRun(data, num_images, batch_size, seed, workers, memory_budget, choice.provenance)
     with out.progress() as progress:
         calibration = calibrate_on_folder(net, data_config, config, run, progress)
         path = save_calibration(calibration, output, force=force) if distributed.is_main() else output
@@ -63,8 +62,9 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
     doc = {
         "output": str(path),
         "bytes": path.stat().st_size,
-        "model": model,
-        "checkpoint": str(checkpoint) if checkpoint else None,
+        "model": choice.spec,
+        "checkpoint": str(choice.checkpoint) if choice.checkpoint else None,
+        "pretrained": choice.pretrained,
         "time_steps": calibration.time_steps,
         "threshold": calibration.threshold,
         "calibration": calibration.method,
@@ -86,7 +86,7 @@ def calibrate(model: str, data: Path, output: Path, time_steps: list[int], check
 
     def render(console) -> None:
         console.print(key_value_table([
-            ("model", model_label(model, checkpoint)),
+            ("model", choice.label),
             ("sites", f"{len(calibration.sites)} activations → spiking neurons"),
             ("T", ", ".join(map(str, calibration.time_steps))),
             ("threshold", calibration.threshold),

@@ -12,7 +12,8 @@ from ..files.atomic import check_output
 from ..files.export import load_calibration, save
 from ..pipeline import build_snn
 from ..utils import distributed
-from ._loading import FolderRun, calibrate_on_folder, calibration_config, load_model, model_label, resolve_device
+from ._loading import (FolderRun, ModelChoice, calibrate_on_folder, calibration_config, load_model,
+                       resolve_device)
 from ._options import (CALIBRATION_PARAMETERS, TimeSteps, calibration_options, check_not_given, debug_option,
                        device_option, json_option, loader_options, model_options, neuron_option, num_images_option,
                        preprocessing_options)
@@ -20,7 +21,8 @@ from ._output import Output, encoding_summary, human_bytes, key_value_table, pla
 
 #: What only applies when calibrating from images: refused with --calib, which fixes them.
 CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", *CALIBRATION_PARAMETERS,
-                       "mean", "std", "input_size"]
+                       "input_size", "img_size", "mean", "std", "interpolation", "crop_pct", "crop_mode",
+                       "use_train_size"]
 
 
 @click.command("convert")
@@ -39,17 +41,16 @@ CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", *CALIBRATI
                    f"{DEFAULT_CALIBRATION_IMAGES}].")
 @loader_options(default_batch=64)
 @calibration_options
-@preprocessing_options
+@preprocessing_options(train_size=True)
 @device_option
 @click.option("--force", "-f", is_flag=True, help="Overwrite the output file if it exists.")
 @json_option
 @debug_option
 @click.pass_context
-def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | None, output: Path,
-            time_steps: int | None, neuron: str, checkpoint: Path | None, num_classes: int | None,
-            random_weights: bool, num_images: int | None, batch_size: int, seed: int, workers: int,
+def convert(ctx: click.Context, choice: ModelChoice, calib: Path | None, data: Path | None, output: Path,
+            time_steps: int | None, neuron: str, num_images: int | None, batch_size: int, seed: int, workers: int,
             threshold: str, method: str, encoding_levels: int, population_budget: float, memory_budget: int | None,
-            mean, std, input_size, device: str, force: bool, as_json: bool) -> None:
+            overrides: dict, use_train_size: bool, device: str, force: bool, as_json: bool) -> None:
     """Convert MODEL into a spiking network with T time steps and write it to one safetensors file.
 
     Calibrate on the images in --data, or reuse a calibration file made by `pconv calibrate` with --calib.
@@ -65,8 +66,7 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
     check_output(output, force)
     started = time.perf_counter()
     dev = resolve_device(device)
-    net, data_config, sites = load_model(model, checkpoint, num_classes, random_weights, dev,
-                                         dict(mean=mean, std=std, input_size=input_size))
+    net, data_config, sites = load_model(choice, dev, overrides, use_test_size=not use_train_size)
     with out.progress() as progress:
         if calib is not None:
             calibration = load_calibration(calib)
@@ -82,8 +82,7 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
             source = f"calibration file {calib}"
         else:
             time_steps = config.time_steps[0]
-            run = FolderRun(data, num_images, batch_size, seed, workers, memory_budget,
-                            {"checkpoint": checkpoint.name if checkpoint else None})
+            run = FolderRun(data, num_images, batch_size, seed, workers, memory_budget, choice.provenance)
             calibration = calibrate_on_folder(net, data_config, config, run, progress)
             source = f"{calibration.provenance.get('num_images')} images from {data} (seed {seed})"
         snn = build_snn(net, calibration, time_steps, neuron)
@@ -94,8 +93,9 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
     doc = {
         "output": str(path),
         "bytes": path.stat().st_size,
-        "model": model,
-        "checkpoint": str(checkpoint) if checkpoint else None,
+        "model": choice.spec,
+        "checkpoint": str(choice.checkpoint) if choice.checkpoint else None,
+        "pretrained": choice.pretrained,
         "time_steps": time_steps,
         "neuron": neuron,
         "threshold": snn.info.threshold,
@@ -113,7 +113,7 @@ def convert(ctx: click.Context, model: str, calib: Path | None, data: Path | Non
 
     def render(console) -> None:
         console.print(key_value_table([
-            ("model", model_label(model, checkpoint)),
+            ("model", choice.label),
             ("T", time_steps),
             ("neuron", neuron),
             ("sites", f"{len(snn.info.sites)} spiking layers, {doc['num_channels']} channels"),

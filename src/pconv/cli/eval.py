@@ -12,7 +12,9 @@ from ..measure.evaluate import DEFAULT_SOP_IMAGES, evaluate
 from ..measure.results import EvalResult
 from ..files.export import load
 from ..nn.network import SpikingNetwork
-from ._output import Output, pct, si
+from ..files.atomic import check_output
+from ..utils import distributed
+from ._output import RESULTS_FORMATS, Output, pct, results_row, si, write_results_file
 from ._loading import apply_overrides, make_loader, resolve_device
 from ._options import (class_map_option, debug_option, device_option, engine_option, json_option, loader_options,
                        neuron_option, num_images_option, preprocessing_options, trust_factory_option)
@@ -37,8 +39,8 @@ def render_result(console, result: EvalResult, title: str, layers: bool) -> None
     summary.add_row(f"top-{result.topk}", pct(result.top5), pct(result.ann_top5))
     summary.add_row("images/s", f"{result.samples_per_sec:.1f}",
                     "-" if result.ann_samples_per_sec is None else f"{result.ann_samples_per_sec:.1f}")
-    summary.add_row("ms per batch", f"{result.step_time_ms:.2f}",
-                    "-" if result.ann_step_time_ms is None else f"{result.ann_step_time_ms:.2f}")
+    summary.add_row("ms per batch", f"{result.step_time:.2f}",
+                    "-" if result.ann_step_time is None else f"{result.ann_step_time:.2f}")
     summary.add_row("MACs per image", si(result.snn_macs), si(result.ann_macs))
     sops = result.sops
     summary.add_row("SOPs per image", si(sops), "-")
@@ -91,24 +93,32 @@ def render_result(console, result: EvalResult, title: str, layers: bool) -> None
 @click.option("--sop-images", type=click.IntRange(min=0), default=DEFAULT_SOP_IMAGES, show_default=True,
               help="Images on which synaptic operations are counted (spike engine); 0 skips.")
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Show the per-layer tables.")
-@preprocessing_options
+@preprocessing_options(train_size=False)
+@click.option("--results-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the result row to this file, as timm's validate.py does (CSV, or JSON for .json).")
+@click.option("--results-format", type=click.Choice(RESULTS_FORMATS), default=None,
+              help="Format of --results-file [default: from its suffix, csv otherwise].")
+@click.option("--force", "-f", is_flag=True, help="Overwrite --results-file if it exists.")
 @trust_factory_option
 @device_option
 @json_option
 @debug_option
 def eval_command(snn_file: Path, data: Path, num_images: int | None, class_map: Path | None, batch_size: int,
                  seed: int, workers: int, neuron: str | None, engine: str | None, sop_images: int, layers: bool,
-                 mean, std, input_size, trust_factory: bool, device: str, as_json: bool) -> None:
+                 overrides: dict, results_file: Path | None, results_format: str | None, force: bool,
+                 trust_factory: bool, device: str, as_json: bool) -> None:
     """Evaluate SNN_FILE on the images in --data: SNN and ANN top-1/top-5, their agreement, speed,
     firing rates and synaptic operations."""
     out = Output(as_json)
+    if results_file is not None:
+        check_output(results_file, force)  # before the evaluation, not after
     dev = resolve_device(device)
     snn = load(snn_file, device=dev, trust_factory=trust_factory)
     if neuron and neuron != snn.info.neuron:
         snn = snn.with_neuron(neuron)
     if engine:
         snn.set_engine(engine)  # refuses an engine the neuron cannot run, naming those it can
-    data_config = apply_overrides(snn.info.data_config, mean, std, input_size)
+    data_config = apply_overrides(snn.info.data_config, **overrides)
     loader = make_loader(data, data_config, batch_size, num_images, seed, workers,
                          num_classes=num_classes_of(snn, data_config), class_map=class_map)
     with out.progress() as progress:
@@ -124,5 +134,7 @@ def eval_command(snn_file: Path, data: Path, num_images: int | None, class_map: 
         "crop_pct": data_config.get("crop_pct"),
         "interpolation": data_config.get("interpolation"),
     }
+    if results_file is not None and distributed.is_main():
+        write_results_file(results_file, [results_row(doc)], results_format, force)
     title = f"{snn_file.name}: {doc['model']}, T={result.time_steps}, {result.num_images} images from {data}"
     out.result(doc, lambda console: render_result(console, result, title, layers))

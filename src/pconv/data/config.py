@@ -55,14 +55,37 @@ def check_data_config(cfg: Any, partial: bool = False) -> dict[str, Any]:
     return out
 
 
-def data_config_of(model: nn.Module) -> dict[str, Any]:
-    """The model's timm data config; {} for a model without a pretrained_cfg (timm would make one up)."""
+def data_config_of(model: nn.Module, use_test_size: bool = True) -> dict[str, Any]:
+    """The model's data config as timm's validate.py resolves it: its test input size and test crop where its
+    pretrained_cfg has them (`use_test_size`, validate.py without --use-train-size), else the training ones.
+    {} for a model without a pretrained_cfg (timm would make one up)."""
     from timm.data import resolve_data_config
 
     if not (getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)):
         return {}
     try:
-        cfg = resolve_data_config(model=model)
+        cfg = resolve_data_config({}, model=model, use_test_size=use_test_size)
     except Exception:
         return {}
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def override_data_config(cfg: Mapping[str, Any], input_size=None, img_size=None, mean=None, std=None,
+                         interpolation=None, crop_pct=None, crop_mode=None) -> dict[str, Any]:
+    """`cfg` with the given entries replaced, as validate.py's arguments replace them (`img_size` sets a square
+    input of the same channels; one mean or std value stands for every channel), then checked."""
+    out = dict(cfg)
+    channels = (out.get("input_size") or (3,))[0]
+    if input_size is not None:
+        size = tuple(input_size)
+        out["input_size"] = list(size if len(size) == 3 else (channels, *(size * 2 if len(size) == 1 else size)))
+    if img_size is not None:
+        out["input_size"] = [(out.get("input_size") or (channels,))[0], int(img_size), int(img_size)]
+    channels = out.get("input_size", [channels])[0]
+    for key, value in (("mean", mean), ("std", std)):
+        if value is not None:
+            out[key] = list(value) * channels if len(value) == 1 else list(value)
+    for key, value in (("interpolation", interpolation), ("crop_pct", crop_pct), ("crop_mode", crop_mode)):
+        if value is not None:
+            out[key] = value
+    return check_data_config(out)

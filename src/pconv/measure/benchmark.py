@@ -30,7 +30,7 @@ class EngineResult:
     engine: str
     batch_size: int
     samples_per_sec: float
-    step_time_ms: float  # one batch of batch_size
+    step_time: float  # ms per batch of batch_size (timm's `step_time`)
     latency_ms: float  # one image at batch 1
     peak_memory_mb: float  # tensor high-water mark of one batch_size forward
     cuda_peak_memory_mb: float | None = None
@@ -50,13 +50,22 @@ class BenchResult:
     cuda_graph: bool
     input_size: list[int]
     img_size: int
-    param_count: int
+    param_count: int  # to_dict: in millions, 2 decimals, as timm writes it
     rounds: int = 1
     torch_version: str = torch.__version__
     engines: list[EngineResult] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """timm's field names and units: times in ms and rates rounded as its benchmark.py rounds them."""
+        d = asdict(self)
+        d["param_count"] = round(self.param_count / 1e6, 2)
+        for engine in d["engines"]:
+            for key, digits in (("samples_per_sec", 2), ("step_time", 3), ("latency_ms", 3), ("peak_memory_mb", 1),
+                                ("cuda_peak_memory_mb", 1), ("samples_per_sec_vs_ann", 3), ("latency_vs_ann", 3),
+                                ("top1_agreement_vs_fp32", 2)):
+                if engine[key] is not None:
+                    engine[key] = round(engine[key], digits)
+        return d
 
 
 def _runners(snn: SpikingNetwork, engines: tuple[str, ...]) -> dict[str, nn.Module]:
@@ -200,5 +209,5 @@ def _engine_result(engine: str, module: nn.Module, plain: Callable, x: Tensor, c
     with torch.inference_mode():
         peak = peak_tensor_bytes(plain, x)
     return EngineResult(engine=engine, batch_size=config.batch_size, samples_per_sec=config.batch_size / step,
-                        step_time_ms=1000 * step, latency_ms=1000 * latency, peak_memory_mb=peak / 2**20,
+                        step_time=1000 * step, latency_ms=1000 * latency, peak_memory_mb=peak / 2**20,
                         cuda_peak_memory_mb=cuda_peak, top1_agreement_vs_fp32=agreement)

@@ -1,6 +1,6 @@
 """Evaluate an SNN against its source ANN: accuracy, agreement, speed, firing rates and synaptic operations.
 
-Vocabulary follows timm's validate/benchmark scripts (`top1`, `top5`, `samples_per_sec`, `step_time_ms`,
+Vocabulary follows timm's validate/benchmark scripts (`top1`, `top5`, `samples_per_sec`, `step_time`,
 `param_count`, ...). Nothing here prints; `evaluate` returns an `EvalResult` with `to_dict()`.
 
 Definitions (see docs/usage.md):
@@ -225,8 +225,8 @@ def _result(snn: SpikingNetwork, engine: Engine, device: torch.device, tally: _T
         ann_top1=100.0 * tally.ann1 / n if with_ann else None,
         ann_top5=100.0 * tally.ann5 / n if with_ann else None,
         top1_agreement=100.0 * tally.agree / n if with_ann else None,
-        samples_per_sec=local / snn_time if snn_time else 0.0, step_time_ms=1000.0 * snn_time / tally.batches,
+        samples_per_sec=local / snn_time if snn_time else 0.0, step_time=1000.0 * snn_time / tally.batches,
         ann_samples_per_sec=(local / ann_time if ann_time else 0.0) if with_ann else None,
-        ann_step_time_ms=1000.0 * ann_time / tally.batches if with_ann else None,
+        ann_step_time=1000.0 * ann_time / tally.batches if with_ann else None,
         sop_images=sop_images, sites=spikes.sites(snn, n), layers=layers,
     )

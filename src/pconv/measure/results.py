@@ -1,5 +1,5 @@
 """What `pconv eval` reports, in timm's vocabulary and units (`top1`, `top5`, `samples_per_sec`,
-`step_time_ms`, `param_count`, ...): the result types and their JSON form."""
+`step_time`, `param_count`, ...): the result types and their JSON form."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class EvalResult:
     neuron: str
     engine: str
     device: str
-    param_count: int
+    param_count: int  # parameters (to_dict: in millions, 2 decimals, as timm's validate.py writes it)
     top1: float
     top5: float
     topk: int
@@ -48,9 +48,9 @@ class EvalResult:
     ann_top5: float | None
     top1_agreement: float | None  # % of images where SNN and ANN predict the same class
     samples_per_sec: float
-    step_time_ms: float  # mean time per batch (forward pass only, data loading excluded)
+    step_time: float  # ms per batch (forward pass only, data loading excluded), timm's `step_time`
     ann_samples_per_sec: float | None
-    ann_step_time_ms: float | None
+    ann_step_time: float | None
     sop_images: int  # images SOPs were counted on (0: not measured)
     # top-1 of the cumulative output after t = 1..T steps (spike and step engines; None in the count engine)
     step_top1: list[float] | None = None
@@ -94,7 +94,8 @@ class EvalResult:
             d[key] = None if d[key] is None else _round(d[key])
         if d["step_top1"] is not None:
             d["step_top1"] = [_round(a) for a in d["step_top1"]]
-        for key in ("samples_per_sec", "step_time_ms", "ann_samples_per_sec", "ann_step_time_ms"):
+        d["param_count"] = round(self.param_count / 1e6, 2)
+        for key in ("samples_per_sec", "step_time", "ann_samples_per_sec", "ann_step_time"):
             d[key] = None if d[key] is None else _round(d[key], 3)
         for s in d["sites"]:
             s["firing_rate"] = _round(s["firing_rate"], 6)

@@ -12,37 +12,51 @@ from torch import nn
 from ..errors import ModelLoadError
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, never executing code from it."""
+def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint, read weights-only by timm's own loader: a state dict, a safetensors file, or a
+    timm training checkpoint (`state_dict`, `state_dict_ema`/`model_ema`, and an argparse.Namespace under `args`,
+    the one non-tensor type timm allows), with the prefixes of DataParallel and torch.compile removed.
+    `use_ema` takes the EMA weights (validate.py's --use-ema) and refuses a checkpoint without them."""
+    from timm.models import load_state_dict
+
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {str(path)!r} does not exist", "check the --checkpoint path")
+    if use_ema and not _has_ema(path):
+        raise ModelLoadError(f"checkpoint {str(path)!r} holds no EMA weights (no state_dict_ema or model_ema)",
+                             "drop --use-ema to load its state_dict")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            with warnings.catch_warnings():  # torch warns about the very objects it then refuses
-                warnings.simplefilter("ignore")
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the very objects it then refuses
+            warnings.simplefilter("ignore")
+            state = load_state_dict(str(path), use_ema=use_ema, device="cpu", weights_only=True)
     except Exception as e:  # corrupt or truncated files raise a zoo of types
         raise _unreadable_checkpoint(path, e) from None
-    for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
+        state = state["model_state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"checkpoint {str(path)!r} holds no state dict of tensors",
                              "save it with torch.save(model.state_dict(), path) or safetensors")
-    if state and all(k.startswith("module.") for k in state):  # DataParallel prefix
-        state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _has_ema(path: Path) -> bool:
+    """Whether a checkpoint holds EMA weights, from its top-level keys (memory-mapped, weights-only)."""
+    if path.suffix == ".safetensors":
+        return False
+    import argparse
+
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+            warnings.simplefilter("ignore")
+            top = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # let the loader report an unreadable file
+        return True
+    return isinstance(top, dict) and any(isinstance(top.get(k), dict) for k in ("state_dict_ema", "model_ema"))
 
 
 def _unreadable_checkpoint(path: Path, error: Exception) -> ModelLoadError:
     text = str(error)
-    if "Weights only load failed" in text or "weights_only" in text:
+    if "Weights only load failed" in text or "weights_only" in text or "pickle globals" in text:
         return ModelLoadError(f"checkpoint {str(path)!r} holds Python objects besides tensors (a pickled model or "
                               "training state), and pconv loads checkpoints weights-only, so it never runs code "
                               "from a file",

@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..errors import ModelLoadError
-from ..utils.registry import close_matches
+from ..errors import ConfigError, ModelLoadError
+from . import timm_models
 from .checkpoints import load_weights, read_state_dict
 
 class ModelKind(str, Enum):
@@ -122,6 +122,9 @@ class ModelSource:
         if d["kind"] == "factory" and not _IMPORT_PATH.match(d["name"]):
             raise ModelLoadError(f"the factory {d['name']!r} in the 'model' metadata entry is not an import path",
                                  "the file is corrupt")
+        if d["kind"] == "timm" and not timm_models.TIMM_NAME.match(d["name"]):
+            raise ModelLoadError(f"the timm model {d['name']!r} in the 'model' metadata entry is not an architecture "
+                                 "name", "a file names an architecture (and a pretrained tag), never a hub or a path")
         return cls(d["kind"], d["name"], check_kwargs(d.get("kwargs", {}), "the 'model' metadata entry's kwargs"))
 
     @property
@@ -146,7 +149,7 @@ class ModelSource:
     def build(self, trust_factory: bool = False) -> nn.Module:
         """The architecture. A user's factory runs only with `trust_factory`."""
         if self.kind is ModelKind.TIMM:
-            return _create_timm(self.name, check_kwargs(self.kwargs))
+            return timm_models.create(self.name, check_kwargs(self.kwargs), pretrained=False)
         own = _own_factories().get(self.name)
         if own is not None:
             return _checked_module(own[0](**check_kwargs(self.kwargs)), self.name)
@@ -166,30 +169,15 @@ class UntrustedFactoryError(ModelLoadError):
 
 
 def parse_model_spec(spec: str, num_classes: int | None = None, **kwargs: Any) -> ModelSource:
-    """`resnet18` -> timm; `package.module:function` -> a factory (pconv's own, or the user's)."""
+    """`resnet18`, `resnet50.a1_in1k`, `hf-hub:timm/resnet50.a1_in1k` -> timm; `package.module:function` -> a
+    factory (pconv's own, or the user's)."""
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
-    kind = ModelKind.FACTORY if ":" in spec else ModelKind.TIMM
+    kind = ModelKind.FACTORY if ":" in spec and not timm_models.is_sourced(spec) else ModelKind.TIMM
     if kind is ModelKind.FACTORY and not _IMPORT_PATH.match(spec):
         raise ModelLoadError(f"{spec!r} is neither a timm model name nor an import path",
                              "write a factory as package.module:function")
     return ModelSource(kind, spec, kwargs)
-
-
-def _check_timm_name(name: str) -> None:
-    import timm
-
-    if not timm.is_model(name):
-        close = close_matches(name, timm.list_models(), n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "see `timm.list_models()` for valid names"
-        raise ModelLoadError(f"unknown timm model {name!r}", hint)
-
-
-def _create_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    import timm
-
-    _check_timm_name(name)
-    return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def _checked_module(model: Any, name: str) -> nn.Module:
@@ -242,24 +230,35 @@ def _num_classes(model: nn.Module) -> int:
     return int(model.pretrained_cfg.get("num_classes", 1000))
 
 
-def create_model(spec: str | ModelSource, checkpoint: str | Path | None = None,
-                 num_classes: int | None = None, random_weights: bool = False, **kwargs: Any) -> nn.Module:
-    """The source ANN in eval mode, remembering how it was built (`model.pconv_source`).
+def create_model(spec: str | ModelSource, checkpoint: str | Path | None = None, num_classes: int | None = None,
+                 pretrained: bool = False, random_weights: bool = False, use_ema: bool = False,
+                 **kwargs: Any) -> nn.Module:
+    """The source ANN in eval mode, remembering how to rebuild it (`model.pconv_source`).
 
-    The caller names the model, so a factory given here is trusted. An architecture that does not bring its
-    own weights (a timm name, pconv's zoo) needs a `checkpoint`; without one it is refused unless
-    `random_weights=True` (tests, speed benchmarks): nothing converts random weights by accident."""
+    Weights come from `checkpoint` (any format timm reads, weights-only; `use_ema` takes its EMA weights),
+    from timm's pretrained weights (`pretrained=True`, through the local Hugging Face cache), or from a factory
+    that brings its own (pconv.pretrained, or the user's, which pconv cannot check). A timm architecture or one
+    of pconv's zoo without any of these is refused unless `random_weights=True` (tests, speed benchmarks):
+    nothing converts random weights by accident. The caller names the model, so a factory given here is run."""
     source = spec if isinstance(spec, ModelSource) else parse_model_spec(spec, num_classes, **kwargs)
+    if checkpoint is not None and pretrained:
+        raise ConfigError("give either a checkpoint or pretrained weights, not both", "drop --pretrained or --checkpoint")
+    if pretrained and source.kind is not ModelKind.TIMM:
+        raise ConfigError(f"--pretrained loads timm's weights, and {source.name!r} is a factory",
+                          "a factory brings its own weights; pass --checkpoint FILE for others")
     if source.kind is ModelKind.TIMM:
-        _check_timm_name(source.name)
-    if checkpoint is None and not random_weights and not source.brings_weights:
+        timm_models.check_name(source.name)
+    if checkpoint is None and not pretrained and not random_weights and not source.brings_weights:
         raise ModelLoadError(f"{source.name!r} has no weights: without a checkpoint it would be randomly "
-                             "initialised", "pass --checkpoint FILE (checkpoint= in Python), or --random-weights "
-                                            "(random_weights=True) for tests and speed benchmarks")
-    model = source.build(trust_factory=True)
+                             "initialised", "pass --pretrained (timm's weights), --checkpoint FILE, or "
+                                            "--random-weights for tests and speed benchmarks")
+    if source.kind is ModelKind.TIMM:
+        model = timm_models.create(source.name, check_kwargs(source.kwargs), pretrained=pretrained)
+        source = ModelSource(ModelKind.TIMM, timm_models.recorded_name(model, source.name),
+                             check_kwargs(timm_models.model_kwargs(model, source.kwargs)))
+    else:
+        model = source.build(trust_factory=True)
     if checkpoint is not None:
-        load_weights(model, read_state_dict(checkpoint), f"checkpoint {str(checkpoint)!r}")
+        load_weights(model, read_state_dict(checkpoint, use_ema=use_ema), f"checkpoint {str(checkpoint)!r}")
     model.pconv_source = source
     return model.eval()
-
-
