@@ -275,7 +275,7 @@ def test_serial_step_engine_equals_layerwise_serial():
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     counts = []
     for neuron in serial.neurons().values():
-        neuron.count_hook = lambda k: counts.append(k.sum().item())
+        neuron.count_hook = lambda k, neurons: counts.append(k.sum().item())
     with torch.inference_mode():
         layerwise = serial.set_engine("spikes").forward_steps(x)
         stepwise = serial.set_engine("steps").forward_steps(x)

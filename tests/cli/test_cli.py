@@ -152,7 +152,11 @@ def test_eval_json_agrees_with_library(snn_file, folders):
     assert doc["num_images"] == 18 and doc["batch_size"] == 7 and doc["img_size"] == 16
     assert doc["samples_per_sec"] > 0 and doc["step_time"] > 0
     assert doc["top1_err"] == pytest.approx(100 - doc["top1"])
-    assert [layer["input"] for layer in doc["layers"]] == ["image", "spikes", "graded"]
+    # conv2 is fed by relu1, the encoding site with 16 neurons per channel: a population's summed spikes
+    assert [layer["input"] for layer in doc["layers"]] == ["image", "population", "graded"]
+    for key in ("ann_energy_uj", "snn_energy_uj", "snn_energy_per_step_uj", "energy_ratio", "pj_per_ac", "pj_per_mac"):
+        assert doc[key] == expected[key], key
+    assert doc["energy_ratio"] == pytest.approx(doc["snn_energy_uj"] / doc["ann_energy_uj"], rel=1e-4)
 
 
 def test_eval_ann_numbers_are_the_source_model(snn_file, folders):
@@ -185,9 +189,22 @@ def test_eval_human_output(snn_file, folders):
     result = run("eval", snn_file, "--trust-factory", "--data", folders["test"])
     text = result.stdout
     for needle in ("SNN (T=4)", "ANN", "top-1", "top-1 agreement SNN vs ANN", "images/s", "ms per batch",
-                   "SOPs per image", "Spiking layers", "Synaptic layers", "direct encoding", "relu1", "conv2"):
+                   "SOPs per image", "energy per image", "Spiking layers", "Synaptic layers", "0.9 pJ per accumulate",
+                   "x the ANN's energy per image", "relu1", "conv2"):
         assert needle in text, needle
     assert result.stderr == ""  # no progress bars when stderr is not a terminal
+
+
+def test_eval_plot_draws_a_png_with_the_step_curve(snn_file, folders, tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "eval.png"
+    doc = run_json("eval", snn_file, "--trust-factory", "--data", folders["test"], "--sop-images", "2", "--plot", plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    # the curve drawn: top-1 of the output after t = 1..T steps; after all T it is the SNN's top-1
+    assert len(doc["step_top1"]) == doc["time_steps"] and doc["step_top1"][-1] == doc["top1"]
+    before = plot.read_bytes()
+    line = error_line(run("eval", snn_file, "--trust-factory", "--data", folders["test"], "--plot", plot, ok=False))
+    assert "exists" in line and plot.read_bytes() == before  # refused before evaluating, file intact
 
 
 def test_inspect_snn_and_calibration(snn_file, calib_file):

@@ -11,6 +11,7 @@ from torch import nn
 import pconv
 from pconv.errors import ConfigError, DataError
 from pconv.measure.costs import layer_costs
+from pconv.measure.energy import EnergyModel
 from pconv.measure.evaluate import evaluate
 
 import nets
@@ -114,10 +115,10 @@ def _fanout(module: nn.Module, shape: torch.Size) -> torch.Tensor:
         return probe.grad.clone()
 
 
-def test_sops_equal_a_brute_force_count(snn, images):
-    """SOPs per layer = sum over steps and input positions of [input != 0] x fan-out (by autograd); for the
-    layer fed by the encoding population (features.2, 16 neurons per channel at T=4, through max pooling),
-    the number of spikes at each input instead of [input != 0]."""
+def test_operations_equal_a_brute_force_count(snn, images):
+    """Per layer, over the steps and input positions: events = [input != 0] x fan-out (by autograd), for the
+    layer fed by the encoding population (features.4, 16 neurons per channel at T=4, through max pooling) the
+    number of spikes at each input instead; and the time-summed events = [input != 0 at some step] x fan-out."""
     stem = snn.neurons()["features.2"]
     assert stem.population == 16 and snn.neurons()["features.6"].population == 1
     amplitude = stem.theta_out / stem.population
@@ -126,6 +127,7 @@ def test_sops_equal_a_brute_force_count(snn, images):
     n = 5
     result = evaluate(snn, batches(images), sop_images=n)
     expected: dict[str, float] = {}
+    summed: dict[str, float] = {}
     modules = {name: m for name, m in snn.net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     snn.set_engine("spikes")
     handles = []
@@ -136,6 +138,8 @@ def test_sops_equal_a_brute_force_count(snn, images):
                 fan = _fanout(m, inp[:1].shape)[0]
                 events = (inp / unit).round() if name == "features.4" else (inp != 0)
                 expected[name] = expected.get(name, 0.0) + float((events.double() * fan).sum())
+                steps = inp.reshape(4, -1, *inp.shape[1:])
+                summed[name] = summed.get(name, 0.0) + float(((steps != 0).any(dim=0).double() * fan).sum())
             handles.append(module.register_forward_pre_hook(pre))
         with torch.inference_mode():
             snn(x[:n])
@@ -145,14 +149,53 @@ def test_sops_equal_a_brute_force_count(snn, images):
         snn.set_engine("counts")
     for layer in result.layers:
         if layer.input == "image":
-            assert layer.sops is None
+            assert layer.sops is None and layer.events is None
             continue
-        assert layer.sops == pytest.approx(expected[layer.name] / n, rel=1e-9), layer.name
+        assert layer.events == pytest.approx(expected[layer.name] / n, rel=1e-9), layer.name
+        assert layer.summed_events == pytest.approx(summed[layer.name] / n, rel=1e-9), layer.name
         assert 0 <= layer.input_rate <= 1
-    assert result.sops == pytest.approx(sum(v for k, v in expected.items() if k != "features.0") / n, rel=1e-9)
     kinds = {layer.name: layer.input for layer in result.layers}
-    # after max pooling of spikes: still binary; after average pooling and zero padding: graded
-    assert kinds["features.4"] == "spikes" and kinds["features.12"] == "graded"
+    # fed by the population through max pooling: its spikes; after average pooling and zero padding: graded
+    assert kinds["features.4"] == "population" and kinds["features.7"] == "spikes"
+    assert kinds["features.12"] == "graded" and kinds["fc1"] == "graded"
+    binary = [k for k, kind in kinds.items() if kind in ("spikes", "population")]
+    assert result.sops == pytest.approx(sum(expected[k] for k in binary) / n, rel=1e-9)  # binary spikes only
+    graded = [k for k, kind in kinds.items() if kind == "graded"]
+    assert result.graded_macs(True) == pytest.approx(sum(summed[k] for k in graded) / n, rel=1e-9)
+    assert result.graded_macs(False) == pytest.approx(sum(expected[k] for k in graded) / n, rel=1e-9)
+
+
+def test_energy_is_the_hand_count(snn, images):
+    """SNN energy = image layers' MACs + ACs per spike + multiplies of graded inputs + neurons, priced per op."""
+    result = evaluate(snn, batches(images), sop_images=4, energy=EnergyModel(pj_per_ac=0.5, pj_per_mac=3.0))
+    layers = {layer.name: layer for layer in result.layers}
+    image_macs = sum(layer.macs for layer in layers.values() if layer.input == "image")
+    spikes = sum(layer.events for layer in layers.values() if layer.input in ("spikes", "population"))
+    graded_once = sum(layer.summed_events for layer in layers.values() if layer.input == "graded")
+    graded_steps = sum(layer.events for layer in layers.values() if layer.input == "graded")
+    neurons = sum(site.neurons for site in result.sites)
+    assert image_macs == layers["features.0"].macs > 0 and spikes > 0 and graded_once > 0
+    assert result.snn_energy_pj(True) == pytest.approx(3.0 * (image_macs + graded_once + neurons) + 0.5 * spikes)
+    assert result.snn_energy_pj(False) == pytest.approx(3.0 * (image_macs + graded_steps) + 0.5 * (spikes + 4 * neurons))
+    assert result.ann_energy_pj == pytest.approx(3.0 * result.ann_macs)
+    d = result.to_dict()
+    assert d["energy_ratio"] == pytest.approx(result.snn_energy_pj(True) / result.ann_energy_pj, rel=1e-3)
+    assert d["snn_energy_uj"] == pytest.approx(result.snn_energy_pj(True) / 1e6, rel=1e-3)
+    assert d["pj_per_ac"] == 0.5 and d["pj_per_mac"] == 3.0
+    assert sum(layer["energy_uj"] for layer in d["layers"]) == pytest.approx(
+        (3.0 * (image_macs + graded_once) + 0.5 * spikes) / 1e6, rel=1e-3)
+
+
+def test_ann_macs_match_torchs_flop_counter(snn, images):
+    """torch.utils.flop_counter counts 2 FLOPs per multiply-accumulate of every conv and matmul."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, _ = images
+    result = evaluate(snn, batches(images), sop_images=0)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        snn.to_ann()(x[:1])
+    assert 2 * result.ann_macs == counter.get_total_flops()
 
 
 def test_counts_and_spike_engines_agree(snn, images):
@@ -163,6 +206,7 @@ def test_counts_and_spike_engines_agree(snn, images):
     # float tolerance: a membrane sum on a threshold may round either way in the T*B-sample convolution
     assert [s.firing_rate for s in a.sites] == pytest.approx([s.firing_rate for s in b.sites], rel=1e-4)
     assert a.sops == pytest.approx(b.sops, rel=1e-4)
+    assert a.snn_energy_pj() == pytest.approx(b.snn_energy_pj(), rel=1e-4)
     assert snn.engine == "counts"  # restored
 
 

@@ -19,6 +19,20 @@ from pconv.nn.neurons import ParallelIF, SerialIF
 from pconv.observe.sites import find_sites
 
 
+def test_the_closed_form_is_the_sum_over_the_neurons():
+    """The count engine's one-pass total equals the spike engine's neuron-by-neuron sum (float64, so no value
+    falls within rounding of a level boundary)."""
+    g = torch.Generator().manual_seed(5)
+    for T, m in [(4, 16), (8, 8), (5, 3), (32, 2), (7, 1)]:
+        x = torch.randn(3, 5, 8, 8, generator=g, dtype=torch.float64) * 2
+        theta_in = torch.rand(5, generator=g, dtype=torch.float64) + 0.3
+        bias = torch.randn(5, generator=g, dtype=torch.float64) * 0.2
+        closed = PF.population_count(x, theta_in, bias, T, m)
+        summed = sum(PF.population_counts(x, theta_in, bias, T, m))
+        assert torch.equal(closed, summed), (T, m)
+        assert 0 < closed.mean() < m * T
+
+
 def test_population_count_is_one_neuron_with_m_times_t_levels():
     g = torch.Generator().manual_seed(0)
     for T, m in [(4, 16), (8, 8), (5, 3), (32, 2)]:
@@ -56,7 +70,7 @@ def test_engines_and_neuron_types_agree_for_a_population(m):
     serial = SerialIF(theta_in, bias, theta_out, T, m)
     repeated = x.unsqueeze(0).expand(T, *x.shape).reshape(T * 3, *x.shape[1:])
     seen = []
-    parallel.count_hook = seen.append
+    parallel.count_hook = lambda k, neurons: seen.append((k, neurons))
     counts = parallel(x)
     parallel.set_engine("spikes")
     spikes = parallel(repeated).view(T, *x.shape)
@@ -71,9 +85,10 @@ def test_engines_and_neuron_types_agree_for_a_population(m):
     # every step carries a whole number (0..m) of spikes of theta_out/m
     per_step = spikes / (theta_out / m).view(1, 1, -1, 1, 1)
     assert torch.equal(per_step, per_step.round()) and per_step.max() <= m
-    # the count hook sees each of the m neurons: [m, B, C, H, W] (the plain neuron: [B, C, H, W])
-    assert seen[0].shape == ((m, *x.shape) if m > 1 else x.shape)
-    assert seen[0].sum() == per_step.sum()
+    # the count hook sees the spikes per channel position of all m neurons, and m
+    k, neurons = seen[0]
+    assert k.shape == x.shape and neurons == m
+    assert k.sum() == per_step.sum()
 
 
 def test_only_the_sites_that_see_the_image_encode():

@@ -9,6 +9,8 @@ import torch
 from rich.table import Table
 
 from ..measure.evaluate import DEFAULT_SOP_IMAGES, evaluate
+from ..measure.energy import PJ_PER_AC, PJ_PER_MAC, EnergyModel
+from ..measure.plots import check_plotting, plot_result
 from ..measure.results import EvalResult
 from ..files.export import load
 from ..nn.network import SpikingNetwork
@@ -29,6 +31,10 @@ def num_classes_of(snn: SpikingNetwork, data_config: dict) -> int:
     return int(out.shape[1])
 
 
+def _uj(picojoules: float | None) -> str:
+    return "-" if picojoules is None else f"{picojoules / 1e6:.4g} µJ"
+
+
 def render_result(console, result: EvalResult, title: str, layers: bool) -> None:
     console.print(title, markup=False, style="bold")
     summary = Table()
@@ -41,9 +47,9 @@ def render_result(console, result: EvalResult, title: str, layers: bool) -> None
                     "-" if result.ann_samples_per_sec is None else f"{result.ann_samples_per_sec:.1f}")
     summary.add_row("ms per batch", f"{result.step_time:.2f}",
                     "-" if result.ann_step_time is None else f"{result.ann_step_time:.2f}")
-    summary.add_row("MACs per image", si(result.snn_macs), si(result.ann_macs))
-    sops = result.sops
-    summary.add_row("SOPs per image", si(sops), "-")
+    summary.add_row("MACs per image", si(_snn_macs(result)), si(result.ann_macs))
+    summary.add_row("SOPs per image", si(result.sops), "-")
+    summary.add_row("energy per image", _uj(result.snn_energy_pj(True)), _uj(result.ann_energy_pj))
     console.print(summary)
     if result.top1_agreement is not None:
         console.print(f"top-1 agreement SNN vs ANN: {pct(result.top1_agreement)} of {result.num_images} images "
@@ -53,13 +59,30 @@ def render_result(console, result: EvalResult, title: str, layers: bool) -> None
     if result.step_top1 is not None:
         curve = ", ".join(f"{t}: {a:.1f}" for t, a in enumerate(result.step_top1, start=1))
         console.print(f"top-1 of the output accumulated over the first t steps (t: %): {curve}")
-    console.print("The SNN's MACs are the layers that see the analog image (direct encoding, computed once); "
-                  "every other layer costs synaptic operations (SOPs), " +
-                  (f"counted over all {result.time_steps} steps on {result.sop_images} "
-                   f"image{'s' if result.sop_images != 1 else ''}."
-                   if result.sop_images else "not counted (--sop-images 0)."))
-    if not layers:
-        return
+    console.print(_energy_note(result))
+    if layers:
+        _layer_tables(console, result)
+
+
+def _snn_macs(result: EvalResult) -> float | None:
+    graded = result.graded_macs(True)
+    return None if graded is None else result.snn_macs + graded
+
+
+def _energy_note(result: EvalResult) -> str:
+    if not result.sop_images:
+        return "Operations and energy not counted (--sop-images 0)."
+    snn, per_step = result.snn_energy_pj(True), result.snn_energy_pj(False)
+    e = result.energy
+    return (f"Energy at {e.pj_per_ac:g} pJ per accumulate and {e.pj_per_mac:g} pJ per multiply-accumulate: the SNN "
+            f"spends {snn / result.ann_energy_pj:.3f}x the ANN's energy per image ({per_step / result.ann_energy_pj:.3f}x "
+            f"run step by step). SNN MACs: the layers that see the analog image (once) and the multiplies of graded "
+            f"inputs on their time-summed values; SOPs: one accumulate per spike per synapse; neurons included. "
+            f"Counted over all {result.time_steps} steps on {result.sop_images} image"
+            f"{'s' if result.sop_images != 1 else ''}.")
+
+
+def _layer_tables(console, result: EvalResult) -> None:
     neurons = Table(title="Spiking layers", title_justify="left", title_style="bold")
     for col, justify in (("site", "left"), ("activation", "left"), ("neurons/img", "right"),
                          ("firing rate", "right"), ("spikes/img", "right")):
@@ -68,16 +91,19 @@ def render_result(console, result: EvalResult, title: str, layers: bool) -> None
         neurons.add_row(s.name, s.activation, si(s.neurons), f"{s.firing_rate:.4f}", si(s.spikes_per_image))
     console.print(neurons)
     costs = Table(title="Synaptic layers", title_justify="left", title_style="bold",
-                  caption="input: image = analog image (MACs); spikes = binary spike trains; graded = nonzero "
-                          "values of varying size (after pooling/BatchNorm/additions), one event each",
-                  caption_justify="left")
-    for col, justify in (("layer", "left"), ("input", "left"), ("ANN MACs/img", "right"), ("SNN SOPs/img", "right"),
-                         ("SOPs/MAC", "right"), ("input rate", "right")):
-        costs.add_column(col, justify=justify)
-    for layer in result.layers:
-        ratio = "-" if layer.sops is None or not layer.macs else f"{layer.sops / layer.macs:.3f}"
+                  caption="input: image = the analog image (MACs, once); spikes / population = binary spikes (one "
+                          "accumulate per spike per synapse); graded = values of varying size after BatchNorm, "
+                          "additions or average pooling (a multiply per nonzero input, on the time-summed input; per "
+                          "step if run step by step)", caption_justify="left")
+    for col in ("layer", "input", "ANN MACs/img", "SNN SOPs/img", "SNN MACs/img", "input rate", "energy/img",
+                "per step"):
+        costs.add_column(col, justify="left" if col in ("layer", "input") else "right")
+    for layer, d in zip(result.layers, result.to_dict()["layers"]):
+        macs = layer.macs if layer.input == "image" else d["graded_macs"]
         rate = "-" if layer.input_rate is None else f"{layer.input_rate:.4f}"
-        costs.add_row(layer.name, layer.input, si(layer.macs), si(layer.sops), ratio, rate)
+        energy = [None if d[k] is None else d[k] * 1e6 for k in ("energy_uj", "energy_per_step_uj")]
+        costs.add_row(layer.name, layer.input, si(layer.macs), si(layer.sops), si(macs), rate, _uj(energy[0]),
+                      _uj(energy[1]))
     console.print(costs)
 
 
@@ -93,25 +119,35 @@ def render_result(console, result: EvalResult, title: str, layers: bool) -> None
 @click.option("--sop-images", type=click.IntRange(min=0), default=DEFAULT_SOP_IMAGES, show_default=True,
               help="Images on which synaptic operations are counted (spike engine); 0 skips.")
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Show the per-layer tables.")
+@click.option("--pj-per-ac", type=click.FloatRange(min=0, min_open=True), default=PJ_PER_AC, show_default=True,
+              help="Picojoules per accumulate (45 nm, 32-bit float: Horowitz, ISSCC 2014).")
+@click.option("--pj-per-mac", type=click.FloatRange(min=0, min_open=True), default=PJ_PER_MAC, show_default=True,
+              help="Picojoules per multiply-accumulate (the same source).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw accuracy after each time step against the ANN's, and firing rate and energy per layer, "
+                   "into this PNG file (needs matplotlib).")
 @preprocessing_options(train_size=False)
 @click.option("--results-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the result row to this file, as timm's validate.py does (CSV, or JSON for .json).")
 @click.option("--results-format", type=click.Choice(RESULTS_FORMATS), default=None,
               help="Format of --results-file [default: from its suffix, csv otherwise].")
-@click.option("--force", "-f", is_flag=True, help="Overwrite --results-file if it exists.")
+@click.option("--force", "-f", is_flag=True, help="Overwrite --results-file and --plot if they exist.")
 @trust_factory_option
 @device_option
 @json_option
 @debug_option
 def eval_command(snn_file: Path, data: Path, num_images: int | None, class_map: Path | None, batch_size: int,
                  seed: int, workers: int, neuron: str | None, engine: str | None, sop_images: int, layers: bool,
-                 overrides: dict, results_file: Path | None, results_format: str | None, force: bool,
+                 pj_per_ac: float, pj_per_mac: float, plot: Path | None, overrides: dict, results_file: Path | None, results_format: str | None, force: bool,
                  trust_factory: bool, device: str, as_json: bool) -> None:
     """Evaluate SNN_FILE on the images in --data: SNN and ANN top-1/top-5, their agreement, speed,
     firing rates and synaptic operations."""
     out = Output(as_json)
-    if results_file is not None:
-        check_output(results_file, force)  # before the evaluation, not after
+    for path in (results_file, plot):
+        if path is not None:
+            check_output(path, force)  # before the evaluation, not after
+    if plot is not None:
+        check_plotting()
     dev = resolve_device(device)
     snn = load(snn_file, device=dev, trust_factory=trust_factory)
     if neuron and neuron != snn.info.neuron:
@@ -122,7 +158,8 @@ def eval_command(snn_file: Path, data: Path, num_images: int | None, class_map: 
     loader = make_loader(data, data_config, batch_size, num_images, seed, workers,
                          num_classes=num_classes_of(snn, data_config), class_map=class_map)
     with out.progress() as progress:
-        result = evaluate(snn, loader, device=dev, engine=engine, sop_images=sop_images, progress=progress)
+        result = evaluate(snn, loader, device=dev, engine=engine, sop_images=sop_images, progress=progress,
+                          energy=EnergyModel(pj_per_ac, pj_per_mac), step_curve=plot is not None)
     source = snn.info.source
     doc = {
         "model": source.name if source else None,
@@ -136,5 +173,7 @@ def eval_command(snn_file: Path, data: Path, num_images: int | None, class_map: 
     }
     if results_file is not None and distributed.is_main():
         write_results_file(results_file, [results_row(doc)], results_format, force)
+    if plot is not None and distributed.is_main():
+        plot_result(result, plot, f"{doc['model']}, T={result.time_steps}", force)
     title = f"{snn_file.name}: {doc['model']}, T={result.time_steps}, {result.num_images} images from {data}"
     out.result(doc, lambda console: render_result(console, result, title, layers))

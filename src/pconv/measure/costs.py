@@ -3,8 +3,9 @@ and the synaptic operations every other layer's input triggers (see docs/usage.m
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +51,7 @@ def layer_costs(snn: SpikingNetwork, example: Tensor) -> list[LayerStats]:
             layers[name].macs += _macs(module, output, images)
             return
         layers[name] = LayerStats(name, _kind(module), "spikes" if state["spiked"] else "image",
-                                  _macs(module, output, images), None, None)
+                                  _macs(module, output, images))
 
     def on_neuron(module, inputs, output):
         state["spiked"] = True
@@ -82,80 +83,108 @@ _SPIKE_PRESERVING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPoo
                      nn.ZeroPad2d, nn.Identity, nn.Dropout)
 
 
-def count_sops(snn: SpikingNetwork, images: Tensor, layers: list[LayerStats], chunk: int,
-               on_chunk: Callable[[], None] | None = None) -> None:
-    """Fill in `sops`, `input_rate` and the input kind ("spikes" or "graded") of every layer that does not
-    see the image, measured on `images` in the spike engine, `chunk` images (T samples each) at a time."""
-    T = snn.time_steps
-    previous = snn.engine
-    modules = _synaptic_modules(snn.net)
+def count_operations(snn: SpikingNetwork, images: Tensor, layers: list[LayerStats], chunk: int,
+                     on_chunk: Callable[[], None] | None = None) -> None:
+    """Fill in the input kind ("spikes", "population" or "graded"), `events`, `summed_events` and `input_rate`
+    of every layer that does not see the image, measured on `images` in the spike engine, `chunk` images (T
+    samples each) at a time."""
     wanted = {layer.name: layer for layer in layers if layer.input != "image"}
-    ones = {name: _ones_like_layer(modules[name]) for name in wanted}
-    events = {name: 0.0 for name in wanted}  # synaptic events (nonzero inputs x fan-out)
-    nonzero = {name: 0.0 for name in wanted}  # nonzero inputs over all steps
-    positions = {name: 0 for name in wanted}  # input positions (x T gives the input slots)
-    graded = {name: False for name in wanted}
+    tally = _OperationTally(snn, wanted)
+    previous = snn.engine
+    device = next(snn.parameters()).device
+    snn.set_engine(Engine.SPIKES)
+    try:
+        with tally.hooks(), torch.inference_mode():
+            for start in range(0, images.shape[0], chunk):
+                snn(images[start:start + chunk].to(device))
+                tally.population_outputs.clear()
+                if on_chunk:
+                    on_chunk()
+    finally:
+        snn.set_engine(previous)
+    tally.fill(images.shape[0])
 
-    # A population (m neurons per channel) emits up to m spikes per channel and step, summed into one value
-    # of (spikes * theta_out/m): a layer that takes that output directly counts every spike as an event.
-    population_outputs: dict[int, tuple[Tensor, Tensor, int]] = {}  # id -> (output kept alive, amplitude, m)
 
-    def on_population(neuron: nn.Module, inputs: tuple, output: Tensor) -> None:
-        population_outputs[id(output)] = (output, neuron.theta_out / neuron.population, neuron.population)
+class _OperationTally:
+    """Per layer, over the batches: synaptic events, events on the time-summed input, nonzero inputs, and
+    whether the nonzero inputs all carry one amplitude per channel (binary) or not (graded)."""
 
-    def passes_population(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+    def __init__(self, snn: SpikingNetwork, wanted: dict[str, LayerStats]):
+        self.snn, self.wanted, self.T = snn, wanted, snn.time_steps
+        modules = _synaptic_modules(snn.net)
+        self.modules = {name: modules[name] for name in wanted}
+        device = next(snn.parameters()).device
+        self.ones = {name: _ones_like_layer(m).to(device) for name, m in self.modules.items()}
+        self.events = {name: 0.0 for name in wanted}
+        self.summed = {name: 0.0 for name in wanted}
+        self.nonzero = {name: 0.0 for name in wanted}
+        self.positions = {name: 0 for name in wanted}
+        self.graded = {name: False for name in wanted}
+        self.fed_by_population = {name: False for name in wanted}
+        # A population (m neurons per channel) emits up to m spikes per channel and step, summed into one value
+        # of (spikes * theta_out/m): a layer that takes that output directly counts every spike as an event.
+        self.population_outputs: dict[int, tuple[Tensor, Tensor, int]] = {}  # id -> (output, amplitude, m)
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        handles = [m.register_forward_pre_hook(lambda m, i, n=name: self._on_layer(m, i[0], n))
+                   for name, m in self.modules.items()]
+        populations = [n for n in self.snn.neurons().values() if n.population > 1]
+        handles += [n.register_forward_hook(self._on_population) for n in populations]
+        if populations:
+            handles += [m.register_forward_hook(self._passes_population) for m in self.snn.net.modules()
+                        if isinstance(m, _SPIKE_PRESERVING)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _on_population(self, neuron: nn.Module, inputs: tuple, output: Tensor) -> None:
+        self.population_outputs[id(output)] = (output, neuron.theta_out / neuron.population, neuron.population)
+
+    def _passes_population(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
         # max pooling, zero padding, dropout and identity keep every value a whole number of spikes
-        known = population_outputs.get(id(inputs[0])) if inputs and isinstance(inputs[0], Tensor) else None
+        known = self.population_outputs.get(id(inputs[0])) if inputs and isinstance(inputs[0], Tensor) else None
         if known is not None and isinstance(output, Tensor):
-            population_outputs[id(output)] = (output, known[1], known[2])
+            self.population_outputs[id(output)] = (output, known[1], known[2])
 
-    def pre_hook(module: nn.Module, inputs: tuple, name: str) -> None:
-        x = inputs[0]
-        steps = x.reshape(T, x.shape[0] // T, *x.shape[1:])
-        population = population_outputs.get(id(x))
+    def _on_layer(self, module: nn.Module, x: Tensor, name: str) -> None:
+        steps = x.reshape(self.T, x.shape[0] // self.T, *x.shape[1:])
+        population = self.population_outputs.get(id(x))
         if population is not None:
             _, amplitude, m = population
             unit = per_channel(torch.where(amplitude != 0, amplitude, torch.ones_like(amplitude)), steps[0])
             counts = (steps / unit).round().sum(dim=0)  # [B, ...]: spikes per input position
             slots = counts.numel() * m
+            self.fed_by_population[name] = True
         else:
             counts = (steps != 0).sum(dim=0).to(x.dtype)  # [B, ...]: nonzero steps per input position
             slots = counts.numel()
-        events[name] += float(ones[name](counts).double().sum())
-        nonzero[name] += float(counts.double().sum())
-        positions[name] += slots
-        if population is None and not graded[name]:
-            # binary events carry one amplitude per channel: every nonzero value of a channel is the same
-            channel_dim = -1 if isinstance(module, nn.Linear) else 1
-            values = x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
-            mask = values != 0
-            hi = torch.where(mask, values, torch.full_like(values, -float("inf"))).amax(dim=1)
-            lo = torch.where(mask, values, torch.full_like(values, float("inf"))).amin(dim=1)
-            graded[name] = bool((mask.any(dim=1) & (hi != lo)).any())
+            if not self.graded[name]:
+                self.graded[name] = _graded(module, x)
+        ones = self.ones[name]
+        self.events[name] += float(ones(counts).double().sum())
+        self.summed[name] += float(ones((counts != 0).to(x.dtype)).double().sum())
+        self.nonzero[name] += float(counts.double().sum())
+        self.positions[name] += slots
 
-    device = next(snn.parameters()).device
-    for m in ones.values():
-        m.to(device)
-    handles = [modules[name].register_forward_pre_hook(lambda m, i, n=name: pre_hook(m, i, n)) for name in wanted]
-    populations = [neuron for neuron in snn.neurons().values() if neuron.population > 1]
-    handles += [neuron.register_forward_hook(on_population) for neuron in populations]
-    if populations:
-        handles += [m.register_forward_hook(passes_population) for m in snn.net.modules()
-                    if isinstance(m, _SPIKE_PRESERVING)]
-    snn.set_engine(Engine.SPIKES)
-    try:
-        with torch.inference_mode():
-            for start in range(0, images.shape[0], chunk):
-                snn(images[start:start + chunk].to(device))
-                population_outputs.clear()
-                if on_chunk:
-                    on_chunk()
-    finally:
-        for h in handles:
-            h.remove()
-        snn.set_engine(previous)
-    n = images.shape[0]
-    for name, layer in wanted.items():
-        layer.sops = events[name] / n
-        layer.input_rate = nonzero[name] / (positions[name] * T) if positions[name] else 0.0
-        layer.input = "graded" if graded[name] else "spikes"
+    def fill(self, images: int) -> None:
+        for name, layer in self.wanted.items():
+            layer.events = self.events[name] / images
+            layer.summed_events = self.summed[name] / images
+            positions = self.positions[name]
+            layer.input_rate = self.nonzero[name] / (positions * self.T) if positions else 0.0
+            layer.input = "graded" if self.graded[name] else "population" if self.fed_by_population[name] \
+                else "spikes"
+
+
+def _graded(module: nn.Module, x: Tensor) -> bool:
+    """Whether the nonzero inputs of some channel take more than one value (binary events carry one amplitude
+    per channel)."""
+    channel_dim = -1 if isinstance(module, nn.Linear) else 1
+    values = x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
+    mask = values != 0
+    hi = torch.where(mask, values, torch.full_like(values, -float("inf"))).amax(dim=1)
+    lo = torch.where(mask, values, torch.full_like(values, float("inf"))).amin(dim=1)
+    return bool((mask.any(dim=1) & (hi != lo)).any())

@@ -24,7 +24,8 @@ from ..nn.network import SpikingNetwork
 from ..nn.neurons import Engine, as_engine
 from ..utils import distributed
 from ..utils.progress import NoProgress, Progress
-from .costs import count_sops, layer_costs
+from .costs import count_operations, layer_costs
+from .energy import EnergyModel
 from .results import EvalResult, LayerStats, SiteStats
 from .timing import Stopwatch
 
@@ -78,10 +79,10 @@ class _SpikeCounts:
             neuron.count_hook = None
 
     def _hook(self, name: str):
-        def hook(k: Tensor) -> None:
+        def hook(k: Tensor, neurons_per_position: int) -> None:
             if self.counting:
                 self.spikes[name] += k.sum(dtype=torch.float64)
-                self.positions[name] += k.numel()
+                self.positions[name] += k.numel() * neurons_per_position
         return hook
 
     def reduce(self) -> None:
@@ -143,11 +144,14 @@ def _reference(snn: SpikingNetwork, ann: nn.Module | bool, device: torch.device)
 
 def evaluate(snn: SpikingNetwork, data: Iterable, *, ann: nn.Module | bool = True,
              device: str | torch.device | None = None, engine: Engine | str | None = None,
-             sop_images: int = DEFAULT_SOP_IMAGES, warmup: bool = True, progress: Progress | None = None) -> EvalResult:
+             sop_images: int = DEFAULT_SOP_IMAGES, warmup: bool = True, progress: Progress | None = None,
+             energy: EnergyModel | None = None, step_curve: bool = False) -> EvalResult:
     """Run `snn` (and its source ANN, `snn.to_ann()`, unless `ann=False`) over labelled batches.
 
     `engine` defaults to the SNN's current one; a serial-neuron SNN always runs in the spike engine.
-    SOPs are counted on the first `sop_images` images in the spike engine (0 skips them).
+    Operations (SOPs, multiplies) are counted on the first `sop_images` images in the spike engine (0 skips
+    them); `energy` prices them (measure/energy.py). The top-1 after each time step comes with the spike
+    engines, and with `step_curve` also in the count engine (from an untimed spike-engine pass per batch).
     Timings cover the forward passes only (after one untimed warm-up batch, synchronised on CUDA).
     The caller's SNN is left on its device and in its engine, also on error."""
     if sop_images < 0:
@@ -159,8 +163,8 @@ def evaluate(snn: SpikingNetwork, data: Iterable, *, ann: nn.Module | bool = Tru
         ann_model = _reference(snn, ann, device)
         tally, watches = _Tally(snn.time_steps, device), (Stopwatch(device), Stopwatch(device))
         with _SpikeCounts(snn, device) as spikes:
-            layers, kept, batch_size = _run(snn, ann_model, data, (engine, device, warmup), sop_images, tally,
-                                            watches, spikes, progress)
+            layers, kept, batch_size = _run(snn, ann_model, data, (engine, device, warmup, step_curve), sop_images,
+                                            tally, watches, spikes, progress)
         tally.reduce()
         spikes.reduce()
         if tally.n == 0:
@@ -168,17 +172,22 @@ def evaluate(snn: SpikingNetwork, data: Iterable, *, ann: nn.Module | bool = Tru
         if kept is not None:
             chunk = max(1, batch_size // snn.time_steps)
             tick = progress.stage(f"counting synaptic operations T={snn.time_steps}", -(-kept.shape[0] // chunk))
-            count_sops(snn, kept, layers, chunk, tick)
-        return _result(snn, engine, device, tally, spikes, watches, layers, ann_model is not None, batch_size,
-                       0 if kept is None else kept.shape[0])
+            count_operations(snn, kept, layers, chunk, tick)
+        result = _result(snn, engine, device, tally, spikes, watches, layers, ann_model is not None, batch_size,
+                         0 if kept is None else kept.shape[0])
+        result.energy = energy or EnergyModel()
+        if step_curve and result.step_top1 is None:
+            result.step_top1 = (100.0 * tally.step_correct / tally.n).tolist()
+        return result
 
 
-def _run(snn: SpikingNetwork, ann_model: nn.Module | None, data: Iterable, how: tuple[Engine, torch.device, bool],
-         sop_images: int, tally: _Tally, watches: tuple[Stopwatch, Stopwatch], spikes: _SpikeCounts,
+def _run(snn: SpikingNetwork, ann_model: nn.Module | None, data: Iterable,
+         how: tuple[Engine, torch.device, bool, bool], sop_images: int, tally: _Tally,
+         watches: tuple[Stopwatch, Stopwatch], spikes: _SpikeCounts,
          progress: Progress) -> tuple[list[LayerStats], Tensor | None, int]:
-    """The timed passes over `data` (`how`: engine, device, warm-up): (layer costs, the images kept for counting
-    SOPs, the batch size)."""
-    engine, device, warmup = how
+    """The timed passes over `data` (`how`: engine, device, warm-up, per-step curve in the count engine): (layer
+    costs, the images kept for counting operations, the batch size)."""
+    engine, device, warmup, step_curve = how
     try:
         total = len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -201,6 +210,12 @@ def _run(snn: SpikingNetwork, ann_model: nn.Module | None, data: Iterable, how: 
             with watches[0]:
                 steps = None if engine is Engine.COUNTS else snn.forward_steps(x)
                 out = snn(x) if steps is None else steps.mean(dim=0)
+            if steps is None and step_curve:  # untimed, and without counting its spikes twice
+                spikes.counting = False
+                snn.set_engine(Engine.SPIKES)
+                steps = snn.forward_steps(x)
+                snn.set_engine(engine)
+                spikes.counting = True
             ref = None
             if ann_model is not None:
                 with watches[1]:

@@ -61,15 +61,17 @@ def population_counts(x_mean: Tensor, theta_in: Tensor, bias: Tensor, time_steps
 
 def population_count(x_mean: Tensor, theta_in: Tensor, bias: Tensor, time_steps: int, population: int,
                      channel_dim: int = 1) -> Tensor:
-    """Total spikes of a population of m neurons per channel, in [0, m*T].
+    """Total spikes of a population of m neurons per channel, in [0, m*T], in one pass.
 
-    Hermite's identity, sum_j floor(y + j/m) = floor(m*y), makes the total exactly the count of one
-    neuron with m*T levels: clamp(floor(m*T*(x + delta_in)/theta + phi), 0, m*T) (docs/math.md)."""
-    biases = population_biases(theta_in, bias, population)
-    total = spike_count(x_mean, theta_in, biases[0], time_steps, channel_dim)
-    for b in biases[1:]:  # one neuron at a time: memory stays that of one count map
-        total.add_(spike_count(x_mean, theta_in, b, time_steps, channel_dim))
-    return total
+    Neuron j counts clamp(floor(u + j/m), 0, T) with u = (T*mean(x) + b)/theta_in; Hermite's identity,
+    sum_j floor(u + j/m) = floor(m*u), clamps included, makes the total that of one neuron with m*T levels,
+    clamp(floor(m*u), 0, m*T) = clamp(floor(m*T*(x + delta_in)/theta + phi), 0, m*T) (docs/math.md). Computed so,
+    the count engine costs one neuron's arithmetic whatever m; the spike engine, which must emit every neuron's
+    spikes, sums them (population_counts): the two differ only where a value falls within rounding of a
+    level boundary."""
+    if population == 1:
+        return spike_count(x_mean, theta_in, bias, time_steps, channel_dim)
+    return spike_count(x_mean, theta_in, bias * population, time_steps * population, channel_dim)
 
 
 def count_output(k: Tensor, theta_out: Tensor, time_steps: int, channel_dim: int = 1, inplace: bool = False) -> Tensor:

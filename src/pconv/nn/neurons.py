@@ -59,7 +59,8 @@ class SpikingNeuron(nn.Module):
         self.register_buffer("bias", bias.detach().clone())
         self.register_buffer("theta_out", theta_out.detach().clone())
         self.engine = Engine.COUNTS if Engine.COUNTS in self.engines else Engine.SPIKES
-        #: When set, called with the spike counts k of every forward (firing-rate statistics).
+        #: When set, called with (spikes per channel position over all steps and all of its m neurons, m) on every
+        #: forward (firing-rate statistics).
         self.count_hook = None
 
     def set_engine(self, engine: Engine | str) -> None:
@@ -91,23 +92,15 @@ class ParallelIF(SpikingNeuron):
 
     def forward(self, x: Tensor) -> Tensor:
         T, m = self.time_steps, self.population
-        if self.engine is Engine.COUNTS:
-            if m > 1:
-                if self.count_hook is not None:
-                    counts = torch.stack(PF.population_counts(x, self.theta_in, self.bias, T, m))
-                    self.count_hook(counts)
-                    k = counts.sum(dim=0)
-                else:
-                    k = PF.population_count(x, self.theta_in, self.bias, T, m)
-                return PF.count_output(k, self.theta_out, T * m, inplace=True)
-            k = PF.spike_count(x, self.theta_in, self.bias, T)
+        if self.engine is Engine.COUNTS:  # one pass, whatever the population (Hermite's identity)
+            k = PF.population_count(x, self.theta_in, self.bias, T, m)
             if self.count_hook is not None:
-                self.count_hook(k)
-            return PF.count_output(k, self.theta_out, T, inplace=self.count_hook is None)
+                self.count_hook(k, m)
+            return PF.count_output(k, self.theta_out, T * m, inplace=self.count_hook is None)
         x_mean = self.steps_view(x).mean(dim=0)
         counts = PF.population_counts(x_mean, self.theta_in, self.bias, T, m)
         if self.count_hook is not None:
-            self.count_hook(torch.stack(counts) if m > 1 else counts[0])
+            self.count_hook(sum(counts[1:], counts[0].clone()) if m > 1 else counts[0], m)
         steps = torch.arange(1, T + 1, device=x.device, dtype=x.dtype).view(T, *([1] * x_mean.dim()))
         fired = (steps <= counts[0].unsqueeze(0)).to(x.dtype)
         for k in counts[1:]:  # spikes of a channel's m neurons at each step
@@ -133,7 +126,7 @@ class SerialIF(SpikingNeuron):
         """Forget the membrane: call before each new batch in the "steps" engine. Reports the spike
         counts of the finished batch to `count_hook` first."""
         if self.fired is not None and self.count_hook is not None:
-            self.count_hook(self.fired if self.population > 1 else self.fired[0])
+            self.count_hook(self.fired.sum(dim=0), self.population)
         self.membrane = None
         self.fired = None
 
@@ -155,7 +148,7 @@ class SerialIF(SpikingNeuron):
             if count is not None:
                 count += fired
         if count is not None:
-            self.count_hook(count if m > 1 else count[0])
+            self.count_hook(count.sum(dim=0), m)
         return out.view(x.shape)
 
     def _one_step(self, x: Tensor) -> Tensor:
