@@ -1,11 +1,14 @@
-"""ANN vs SNN top-1 at T = 4, 8, 16, 32 for the paper's method and pconv's, on the real checkpoints (issue 4).
+"""ANN vs SNN top-1 at T = 4, 8, 16, 32 for the paper's method and pconv's, on the real checkpoints, with what
+each point costs: energy per image against the ANN's, neurons, and calibration seconds per T.
 
 Each row also gives the SNN's agreement with the ANN's top-1 and the mean KL(ANN || SNN) of the softmax
 outputs at each T: label-free, and far less noisy than a difference of two top-1 figures on a few hundred
-images.
+images. Energy is pconv eval's cost model (measure/energy.py, 0.9 pJ per accumulate, 4.6 pJ per MAC; the
+accumulated schedule), counted on the first ENERGY_IMAGES evaluation images.
 
     python bench/accuracy.py [--models resnet20,lite0-a,lite0-b] [--methods max/da,mse/none,max/fit,max/refit]
                              [--json docs/accuracy.json] [--plot docs/accuracy.png]
+                             [--frontier docs/frontier.png]
 
 resnet20: CIFAR-10 ResNet-20, calibrated on the 1,000 CIFAR-10 training images, evaluated on the 1,000
           lossless test images; cifar-cnn: the snntoolbox CIFAR-10 CNN (average pooling), same split;
@@ -36,11 +39,14 @@ import shared_data as sd  # noqa: E402
 
 import pconv  # noqa: E402
 from pconv.data import folders as pdata  # noqa: E402
-from pconv.config import DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET
+from pconv.config import DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET, DEFAULT_RECON_STEPS  # noqa: E402
 from pconv.data.config import data_config_of  # noqa: E402
+from pconv.measure.evaluate import evaluate  # noqa: E402
 
 STEPS = [4, 8, 16, 32]
 PAPER = "max/da/0"
+#: Evaluation images on which operations are counted for the energy per image.
+ENERGY_IMAGES = 50
 
 
 def resnet20(root: Path):
@@ -119,6 +125,51 @@ def compare(ann_logits: torch.Tensor, snn_logits: torch.Tensor, labels: torch.Te
             "kl": (ann_log.exp() * (ann_log - snn_log)).sum(dim=1).mean().item()}
 
 
+def energy(snn, test) -> dict[str, float]:
+    """SNN and ANN energy per image (µJ) and their ratio, from operations counted on ENERGY_IMAGES images."""
+    x, y = torch.cat([x for x, _ in test]), torch.cat([y for _, y in test])
+    result = evaluate(snn, [(x[:ENERGY_IMAGES], y[:ENERGY_IMAGES])], sop_images=ENERGY_IMAGES, warmup=False)
+    d = result.to_dict()
+    return {"snn_energy_uj": d["snn_energy_uj"], "ann_energy_uj": d["ann_energy_uj"], "energy_ratio": d["energy_ratio"],
+            "sops_per_image": d["sops_per_image"], "neurons_per_image": d["neurons_per_image"]}
+
+
+def _label(method: str) -> str:
+    return method + (" (paper)" if method == PAPER else "")
+
+
+def plot_frontier(results: list[dict], path: Path) -> None:
+    """Top-1 against energy per image (relative to the ANN's), one panel per model, every method and T."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in results}, key=list(MODELS).index)
+    methods = sorted({r["method"] for r in results})
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.3), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in results if r["model"] == model and r.get("energy_ratio")]
+        if not rows:
+            continue
+        ax.axhline(rows[0]["ann_top1"], color="black", linestyle="--", linewidth=1, label="ANN top-1")
+        ax.axvline(1.0, color="grey", linestyle=":", linewidth=1, label="ANN energy")
+        for r in rows:
+            ax.plot(r["energy_ratio"], r["snn_top1"], marker="o", color=colors[r["method"]], label=_label(r["method"]))
+            for T, e, a in zip(r["time_steps"], r["energy_ratio"], r["snn_top1"]):
+                ax.annotate(str(T), (e, a), textcoords="offset points", xytext=(3, -9), fontsize=7,
+                            color=colors[r["method"]])
+        ax.set_xscale("log")
+        ax.set_xlabel("energy per image / ANN's (0.9 pJ per AC, 4.6 pJ per MAC)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{model} (labels: T)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -133,8 +184,7 @@ def plot(results: list[dict], path: Path) -> None:
         rows = [r for r in results if r["model"] == model]
         ax.axhline(rows[0]["ann_top1"], color="black", linestyle="--", label="ANN")
         for r in rows:
-            ax.plot(r["time_steps"], r["snn_top1"], marker="o", color=colors[r["method"]],
-                    label=r["method"] + (" (paper)" if r["method"] == PAPER else ""))
+            ax.plot(r["time_steps"], r["snn_top1"], marker="o", color=colors[r["method"]], label=_label(r["method"]))
         ax.set_xscale("log", base=2)
         ax.set_xticks(STEPS, [str(t) for t in STEPS])
         ax.set_xlabel("T (time steps)")
@@ -150,19 +200,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--methods", default=f"{PAPER},mse/none/0,max/fit/0,max/refit/0,max/fit,max/refit")
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="the T to calibrate and evaluate")
+    parser.add_argument("--recon-steps", type=int, default=DEFAULT_RECON_STEPS,
+                        help="Adam steps per block for the recon method")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="draw accuracy against T into this PNG")
+    parser.add_argument("--frontier", type=Path, help="draw accuracy against energy per image into this PNG")
     parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
-                        help="only draw --plot from the results in these JSON files (merged)")
+                        help="only draw --plot / --frontier from the results in these JSON files (merged)")
     args = parser.parse_args()
     if args.replot:
-        plot([r for path in args.replot for r in json.loads(path.read_text())["results"]], args.plot)
+        merged = [r for path in args.replot for r in json.loads(path.read_text())["results"]]
+        if args.plot:
+            plot(merged, args.plot)
+        if args.frontier:
+            plot_frontier(merged, args.frontier)
         return
+    steps = [int(T) for T in args.steps.split(",")]
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
     print(f"# pconv {pconv.__version__}, torch {torch.__version__}, {machine}\n")
-    print("| model | method | ANN | " + " | ".join(f"T={T}" for T in STEPS)
-          + " | agreement with the ANN (%) | KL(ANN‖SNN) | neurons (× one per channel) | calibration s |")
-    print("|---|---|---|" + "---|" * len(STEPS) + "---|---|---|---|")
+    print("| model | method | ANN | " + " | ".join(f"T={T}" for T in steps)
+          + " | agreement with the ANN (%) | KL(ANN‖SNN) | energy / ANN's | neurons (× one per channel) "
+          "| calibration s per T |")
+    print("|---|---|---|" + "---|" * len(steps) + "---|---|---|---|---|")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in args.models.split(","):
@@ -174,34 +234,47 @@ def main() -> None:
                 encoding = int(levels[0]) if levels else DEFAULT_ENCODING_LEVELS
                 budget = float(levels[1]) if len(levels) > 1 else DEFAULT_POPULATION_BUDGET
                 started = time.perf_counter()
-                cal = pconv.calibrate(model, calib, time_steps=STEPS, threshold=threshold, method=calibration,
-                                      encoding_levels=encoding, population_budget=budget)
+                options = {"recon_steps": args.recon_steps} if calibration == "recon" else {}
+                cal = pconv.calibrate(model, calib, time_steps=steps, threshold=threshold, method=calibration,
+                                      encoding_levels=encoding, population_budget=budget, **options)
                 seconds = time.perf_counter() - started
-                snns = [pconv.convert(model, cal, time_steps=T) for T in STEPS]
+                snns = [pconv.convert(model, cal, time_steps=T) for T in steps]
                 scores = [compare(ann_logits, predictions(snn, test)[0], labels) for snn in snns]
                 example = next(iter(test))[0]
                 neurons = [neuron_count(snn, example)[0] for snn in snns]
                 plain = neuron_count(snns[0], example)[1]
+                costs = [energy(snn, test) for snn in snns]
+                per_T = cal.provenance["seconds_per_T"]
                 accs = [s["top1"] for s in scores]
                 agreement = [round(s["agreement"], 2) for s in scores]
                 kl = [round(s["kl"], 5) for s in scores]
-                results.append({"model": model_name, "method": method, "ann_top1": ann, "time_steps": STEPS,
+                results.append({"model": model_name, "method": method, "ann_top1": ann, "time_steps": steps,
                                 "populated": {str(T): names for T, names in cal.populated.items()},
                                 "snn_top1": accs, "snn_agreement": agreement, "snn_kl": kl, "neurons": neurons,
                                 "neurons_one_per_channel": plain,
+                                "snn_energy_uj": [c["snn_energy_uj"] for c in costs],
+                                "ann_energy_uj": costs[0]["ann_energy_uj"],
+                                "energy_ratio": [c["energy_ratio"] for c in costs],
+                                "sops_per_image": [c["sops_per_image"] for c in costs],
+                                "energy_images": ENERGY_IMAGES,
                                 "calibration_seconds": round(seconds, 1),
+                                "calibration_seconds_per_T": [round(per_T[str(T)], 1) for T in steps],
                                 "calibration_images": cal.provenance["num_images"],
                                 "evaluation_images": len(labels)})
                 print(f"| {model_name} | {method} | {ann:.1f} | "
                       + " | ".join(f"{a:.1f} ({a - ann:+.1f})" for a in accs)
                       + " | " + " / ".join(f"{a:.1f}" for a in agreement)
                       + " | " + " / ".join(f"{k:.3f}" for k in kl)
-                      + " | " + " / ".join(f"{n / plain:.2f}" for n in neurons) + f" | {seconds:.0f} |", flush=True)
+                      + " | " + " / ".join(f"{c['energy_ratio']:.3f}" for c in costs)
+                      + " | " + " / ".join(f"{n / plain:.2f}" for n in neurons)
+                      + " | " + " / ".join(f"{per_T[str(T)]:.0f}" for T in steps) + " |", flush=True)
                 if args.json:  # after every row: a long run that is stopped keeps what it measured
                     args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__,
                                                      "results": results}, indent=1) + "\n")
     if args.plot:
         plot(results, args.plot)
+    if args.frontier:
+        plot_frontier(results, args.frontier)
 
 
 if __name__ == "__main__":

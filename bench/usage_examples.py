@@ -30,6 +30,9 @@ COMMANDS = [
     "pconv eval resnet20-T8.safetensors --data cifar10-test",
     "pconv eval resnet20-T8.safetensors --data cifar10-test --neuron serial --no-layers",
     "pconv eval resnet20-T16.safetensors --data cifar10-test --no-layers",
+    "pconv convert pconv.zoo:cifar10_resnet20 -c resnet20.safetensors --data cifar10-calib -n 256 -T 8 "
+    "--calibration recon --encoding-levels 0 --population-budget 0 -o resnet20-recon-T8.safetensors",
+    "pconv eval resnet20-recon-T8.safetensors --data cifar10-test --no-layers --plot resnet20-recon-T8.png",
     "pconv eval resnet20-T8.safetensors --data cifar10-test --num-images 200 --json --sop-images 4 | head -45",
     "OMP_NUM_THREADS=1 pconv bench resnet20-T8.safetensors --batch-size 64 --iters 3",
     "pconv eval crafted.safetensors --data cifar10-test",
@@ -88,7 +91,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
     work = args.workdir.resolve()
-    for stale in ("resnet20-calib.safetensors", "resnet20-T8.safetensors", "resnet20-T16.safetensors"):
+    for stale in ("resnet20-calib.safetensors", "resnet20-T8.safetensors", "resnet20-T16.safetensors",
+                  "resnet20-recon-T8.safetensors"):
         (work / stale).unlink(missing_ok=True)
     prepare(work)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}

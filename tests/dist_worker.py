@@ -21,9 +21,15 @@ def shard_batches(rank: int, world: int) -> list[torch.Tensor]:
     return list(images()[list(range(N_IMAGES))[rank::world]].split(7))
 
 
+#: Steps per block for `recon`: enough to move every parameter, few enough for a quick test
+RECON_STEPS = 6
+
+
 def calibrate(batches, threshold: str, method: str, population_budget: float, memory_budget: str):
+    options = {"recon_steps": RECON_STEPS} if method == "recon" else {}
     return pconv.calibrate(nets.vgg_small().double(), batches, time_steps=[4, 8], threshold=threshold,
-                           method=method, population_budget=population_budget, memory_budget=memory_budget)
+                           method=method, population_budget=population_budget, memory_budget=memory_budget,
+                           **options)
 
 
 def calibrate_shard(rank: int, world: int, rendezvous: str, out_dir: str, threshold: str, method: str,

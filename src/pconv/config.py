@@ -26,6 +26,9 @@ DEFAULT_ENCODING_LEVELS = 64
 DEFAULT_POPULATION_BUDGET = 0.5
 #: Histogram resolution: percentile and error-minimising thresholds are exact to max/BINS.
 DEFAULT_BINS = 2048
+#: Adam steps per block of the `recon` method (docs/accuracy.md: the gain against calibration time).
+DEFAULT_RECON_STEPS = 300
+MAX_RECON_STEPS = 100_000
 DEFAULT_T = 8
 #: Calibration images the CLI takes from a folder when --num-images is not given (all of them, up to this).
 DEFAULT_CALIBRATION_IMAGES = 512
@@ -59,6 +62,13 @@ def check_population_budget(budget: Any) -> float:
         raise ConfigError(f"the population budget must be a number between 0 and 100, got {budget!r}",
                           "it is the fraction of extra neurons allowed, for example 0.25; 0 turns it off")
     return float(budget)
+
+
+def check_recon_steps(steps: Any) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_RECON_STEPS:
+        raise ConfigError(f"recon steps must be an integer between 0 and {MAX_RECON_STEPS}, got {steps!r}",
+                          f"for example {DEFAULT_RECON_STEPS}")
+    return steps
 
 
 def check_bins(bins: Any) -> int:

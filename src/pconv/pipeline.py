@@ -44,7 +44,7 @@ def calibrate(model: nn.Module, data: Tensor | Iterable, config: CalibrationConf
     """Record thresholds and calibrate every site for each T of `config` (labels are never used).
 
     The choices come as a CalibrationConfig or as its fields (`time_steps`, `threshold`, `method`,
-    `encoding_levels`, `population_budget`, `bins`). `memory_budget` (bytes, or e.g. "4GiB"; default
+    `encoding_levels`, `population_budget`, `bins`, `recon_steps`). `memory_budget` (bytes, or e.g. "4GiB"; default
     utils.memory.default_budget()) bounds what calibration holds beyond the model and one batch; every image
     is used whatever their number."""
     config = _config(config, choices)
@@ -80,13 +80,21 @@ def _calibrate(model: nn.Module, data: Tensor | Iterable, config: CalibrationCon
     calibration = Calibration(sites=sites, config=config, params={}, channel_max=channel_max,
                               source=source_of(model), data_config=data_config, populated=populated)
     notes: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
     for T in config.time_steps:
-        notes.update(_calibrate_at(work, calibration, stats, T, batches, budget, progress))
+        started = time.perf_counter()
+        for key, value in _calibrate_at(work, calibration, stats, T, batches, budget, progress).items():
+            if isinstance(value, dict) and isinstance(notes.get(key), dict):  # per-T notes: {T: ...}
+                notes[key].update(value)
+            else:
+                notes[key] = value
+        seconds[str(T)] = round(time.perf_counter() - started, 3)
     calibration.provenance = {
         "num_images": distributed.reduce_count(batches.num_images),
         "weights_sha256": weights_fingerprint(model),
         "world_size": distributed.world_size(),
         "torch_version": torch.__version__,
+        "seconds_per_T": seconds,  # each T's own calibration (recording and the population choice are shared)
         **notes,
     }
     if config.population_budget > 0:
@@ -102,7 +110,9 @@ def _calibrate_at(work: nn.Module, calibration: Calibration, stats: dict[str, Ch
     thetas = {s.name: step.threshold.compute(stats[s.name], T * populations[s.name]) for s in calibration.sites}
     qnet = copy.deepcopy(work)
     modules = quantize(qnet, calibration.sites, thetas, T, populations)
-    notes = CALIBRATIONS.get(step.method).run(qnet, modules, batches, budget, _Labelled(progress, f"T={T}")) or {}
+    run = CALIBRATIONS.get(step.method).run
+    options = calibration.config.method_options(step.method)
+    notes = run(qnet, modules, batches, budget, _Labelled(progress, f"T={T}"), **options) or {}
     calibration.params[T] = {name: SiteParams(m.theta.cpu(), m.delta_in.cpu(), m.delta_out.cpu())
                              for name, m in modules.items()}
     changed = changed_weights(work, qnet, calibration.sites)

@@ -16,6 +16,7 @@ CASES = [("max", method, 0.5, "2GiB") for method in CALIBRATIONS.names()] + [
     ("mse", "da", 0.0, "2GiB"),
     ("max", "fit", 1.0, "1MiB"),  # the paired pass in rounds of a few images, a population on every site
     ("max", "refit", 0.0, "1MiB"),
+    ("max", "recon", 0.0, "1MiB"),  # block inputs recomputed per step
 ]
 
 

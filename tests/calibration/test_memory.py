@@ -34,6 +34,8 @@ class Reread:
 
 def calibrate(data, method, budget, dtype=torch.float32, **kwargs):
     model = nets.vgg_small().to(dtype)
+    if method == "recon":
+        kwargs.setdefault("recon_steps", 4)
     return pconv.calibrate(model, data, time_steps=[4], threshold="percentile:99.9" if method == "none" else "max",
                            method=method, memory_budget=budget, **kwargs)
 
@@ -43,10 +45,12 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(method, monkeypatch
     # fit's sample is SAMPLES_PER_CHANNEL positions per channel over all images, fewer while the images have
     # fewer positions than that; a smaller sample lets 24 images already fill it at every site but the last
     monkeypatch.setattr(pconv.calibration.fit, "SAMPLES_PER_CHANNEL", 1024)
+    # recon's steps take BATCH images on average whatever N: 8, so that 24 images do not all join every step
+    monkeypatch.setattr(pconv.calibration.recon, "BATCH", 8)
     n = 24
     small, large = (calibrate(list(images(k).split(8)), method, "3MiB") for k in (n, 4 * n))
     assert small.provenance["num_images"] == n and large.provenance["num_images"] == 4 * n
-    if method in ("fit", "refit", "auto"):  # the streamed schedule ran, and saw every image
+    if method in ("fit", "refit", "auto", "recon"):  # the streamed schedule ran, and saw every image
         assert large.provenance["fit_schedule"].startswith("rounds") and large.provenance["fit_images"] == 4 * n
     assert large.provenance["peak_tensor_mb"] < 1.2 * small.provenance["peak_tensor_mb"], (small.provenance,
                                                                                            large.provenance)
@@ -61,7 +65,10 @@ def test_streamed_calibration_equals_the_whole_set(method):
     source = Reread(list(data.split(8)))
     streamed = calibrate(source, method, "1MiB", dtype=torch.float64, population_budget=1.0)
     assert source.reads > 3  # the images were not held: read again for every pass
-    if method in ("fit", "refit", "auto"):
+    if method == "recon":
+        assert whole.provenance["recon_schedule"] == "inputs kept"
+        assert streamed.provenance["recon_schedule"] == "inputs recomputed"
+    if method in ("fit", "refit", "auto", "recon"):
         assert whole.provenance["fit_schedule"] == "one pass"
         assert streamed.provenance["fit_schedule"].startswith("rounds")
     assert streamed.populated == whole.populated

@@ -104,6 +104,17 @@ def test_calibrate_records_every_T(calib_file):
     assert calibration.data_config["input_size"] == [3, 16, 16]
 
 
+def test_calibrate_with_recon_records_its_steps_and_refitted_weights(folders, tmp_path):
+    path = tmp_path / "recon.safetensors"
+    doc = run_json("calibrate", TINY, "--data", folders["calib"], "-T", "2", "-o", path, "--calibration", "recon",
+                   "--recon-steps", "3")
+    assert doc["calibration"] == "recon" and doc["config"]["recon_steps"] == 3
+    calibration = pconv.load_calibration(path)
+    assert calibration.config.recon_steps == 3 and calibration.provenance["recon_steps"] == 3
+    assert len(calibration.provenance["recon_error"]["2"]) == calibration.provenance["recon_blocks"] >= 1
+    assert calibration.weights[2], "recon tunes the layers' weights, and the file keeps them"
+
+
 def test_convert_from_data_equals_library_and_calibration_file(folders, calib_file, tmp_path):
     """convert --data == calibrate + convert --calib == the library on the same images."""
     direct = tmp_path / "direct.safetensors"

@@ -63,6 +63,8 @@ def snn_file(folders, tmp_path_factory):
     (["--mean", "0.5,0.5"], "2 values for 3 input channels"),
     (["--std", "0"], "std values must be positive"),
     (["--seed", "99999999999999999999999"], "--seed"),
+    (["--recon-steps", "5"], "recon steps are an option of the recon method"),
+    (["--recon-steps", "300"], "--recon-steps applies to --calibration recon only"),
 ])
 def test_usage_mistakes_inside_a_command_exit_2(folders, tmp_path, args, needle):
     text = usage_error(invoke("calibrate", TINY, "--data", folders["calib"], "-o", tmp_path / "c.safetensors", *args))

@@ -48,7 +48,8 @@ def test_every_method_runs_and_the_engines_and_file_agree(tmp_path):
     model = make()
     x = images(9)
     for method in CALIBRATIONS.names():
-        snn = pconv.convert(model, [images(0)], 4, method=method, population_budget=0, encoding_levels=0)
+        options = {"recon_steps": 5} if method == "recon" else {}
+        snn = pconv.convert(model, [images(0)], 4, method=method, population_budget=0, encoding_levels=0, **options)
         assert isinstance(snn.net.relu, PerCall) and len(snn.neurons()) == 3
         with torch.inference_mode():
             counts = snn.set_engine("counts")(x)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..config import (DEFAULT_BINS, DEFAULT_ENCODING_LEVELS, DEFAULT_METHOD, DEFAULT_POPULATION_BUDGET,
-                      DEFAULT_THRESHOLD, check_bins, check_encoding_levels, check_population_budget,
-                      check_time_step_list)
+                      DEFAULT_RECON_STEPS, DEFAULT_THRESHOLD, check_bins, check_encoding_levels,
+                      check_population_budget, check_recon_steps, check_time_step_list)
 from ..errors import ConfigError
 from ..observe.thresholds import ThresholdSpec
 from .methods import CALIBRATIONS
@@ -41,6 +41,8 @@ class CalibrationConfig:
     encoding_levels: int = DEFAULT_ENCODING_LEVELS
     population_budget: float = DEFAULT_POPULATION_BUDGET
     bins: int = DEFAULT_BINS
+    #: Adam steps per block of `recon` (read by the methods that name it in their options only)
+    recon_steps: int = DEFAULT_RECON_STEPS
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -50,8 +52,17 @@ class CalibrationConfig:
         set_(self, "encoding_levels", check_encoding_levels(self.encoding_levels))
         set_(self, "population_budget", check_population_budget(self.population_budget))
         set_(self, "bins", check_bins(self.bins))
+        set_(self, "recon_steps", check_recon_steps(self.recon_steps))
+        if self.recon_steps != DEFAULT_RECON_STEPS and not any(
+                "recon_steps" in CALIBRATIONS.get(step.method).options for step in self.plan.values()):
+            raise ConfigError(f"recon steps are an option of the recon method, not of {self.method}",
+                              "drop --recon-steps, or pass --calibration recon")
         if method.check:
             method.check(self)
+
+    def method_options(self, method: str) -> dict[str, Any]:
+        """The configured values of the options `method` reads (passed to its run function by keyword)."""
+        return {name: getattr(self, name) for name in CALIBRATIONS.get(method).options}
 
     def step(self, time_steps: int) -> Step:
         """The threshold and method that run at T."""
@@ -71,14 +82,15 @@ class CalibrationConfig:
         return {
             "version": self.VERSION, "time_steps": list(self.time_steps), "threshold": str(self.threshold),
             "method": self.method, "encoding_levels": self.encoding_levels,
-            "population_budget": self.population_budget, "bins": self.bins,
+            "population_budget": self.population_budget, "bins": self.bins, "recon_steps": self.recon_steps,
             "plan": {str(T): str(step) for T, step in self.plan.items()},
         }
 
     @classmethod
     def from_dict(cls, d: Any) -> "CalibrationConfig":
         """Read a config a file holds (ConfigError naming what is wrong); `plan` is derived, not read."""
-        keys = {"version", "time_steps", "threshold", "method", "encoding_levels", "population_budget", "bins", "plan"}
+        keys = {"version", "time_steps", "threshold", "method", "encoding_levels", "population_budget", "bins",
+                "recon_steps", "plan"}
         if not isinstance(d, dict) or not {"time_steps", "threshold", "method"} <= set(d) <= keys:
             raise ConfigError("the calibration config is malformed", "expected the keys of CalibrationConfig")
         if d.get("version", cls.VERSION) != cls.VERSION:
@@ -86,6 +98,6 @@ class CalibrationConfig:
                               "upgrade pconv")
         if not isinstance(d["threshold"], str):
             raise ConfigError("the calibration config's threshold is not text", "for example \"max\"")
-        fields = {k: d[k] for k in ("encoding_levels", "population_budget", "bins") if k in d}
+        fields = {k: d[k] for k in ("encoding_levels", "population_budget", "bins", "recon_steps") if k in d}
         return cls(time_steps=tuple(d["time_steps"]) if isinstance(d["time_steps"], list) else d["time_steps"],
                    threshold=d["threshold"], method=d["method"], **fields)

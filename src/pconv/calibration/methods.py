@@ -1,7 +1,7 @@
 """Calibration methods: a registry of them, each described by what it needs and does.
 
 A method takes (the quantized model, its QCFS modules by site, the calibration images, the memory budget in
-bytes, a Progress), sets the modules' parameters (and may change the model's layers), shows its own progress
+bytes, a Progress, and by keyword the configuration fields it names in `options`), sets the modules' parameters (and may change the model's layers), shows its own progress
 stages and returns notes for the provenance. `resolve` lets a method stand for others at some T (`auto`),
 `check` validates the options it reads from the configuration. Each method module registers itself with
 `calibration_method`; importing `pconv.calibration` registers them all.
@@ -36,17 +36,19 @@ class Method:
     resolve: Callable[["CalibrationConfig", int], tuple[ThresholdSpec, str]] | None = None
     #: raises ConfigError for options of the configuration this method cannot take
     check: Callable[["CalibrationConfig"], None] | None = None
+    #: CalibrationConfig fields the method reads, passed to `run` by keyword
+    options: tuple[str, ...] = ()
 
 
 CALIBRATIONS: Registry[Method] = Registry("calibration method")
 
 
-def calibration_method(name: str, resolve=None, check=None) -> Callable[[RunFn], RunFn]:
+def calibration_method(name: str, resolve=None, check=None, options: tuple[str, ...] = ()) -> Callable[[RunFn], RunFn]:
     """Register the decorated function as the calibration method `name` (its docstring's first line is its
     summary in --help)."""
     def add(run: RunFn) -> RunFn:
         summary = (run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else ""
-        CALIBRATIONS.register(name)(Method(name, run, summary, resolve, check))
+        CALIBRATIONS.register(name)(Method(name, run, summary, resolve, check, tuple(options)))
         return run
     return add
 

@@ -13,7 +13,7 @@ forward may go past it. Two schedules give the same result:
   points applied), adding its share to point r's statistics; then point r is fitted. Memory is one
   chunk's. So that a round does not recompute the whole network before its point, each chunk's tensor at
   the latest cut before the point is kept while the budget allows, and the next rounds resume there
-  (`_Cuts`): a cut is the input of a child of an nn.Sequential, which nothing but that child reads.
+  (`Cuts`): a cut is the input of a child of an nn.Sequential, which nothing but that child reads.
 
 What a point keeps of the images is a sample chosen by each image's own content (sampling.py) and sums
 over it, so both schedules, any batching and any number of processes see the same sample.
@@ -79,7 +79,7 @@ class PairedPass:
         self.active: Point | None = None
         self.keys: list[bytes] = []
         self.on_fitted: Callable[[], None] | None = None
-        self.cuts = _Cuts(model)
+        self.cuts = Cuts(model)
         self.chains: dict[int, tuple] = {}  # id(point) -> its cut chain (found in discovery)
 
     def reached(self, point: Point, x_q: Tensor, x_ann: Tensor, call: dict[str, Any] | None = None) -> bool:
@@ -170,7 +170,7 @@ class PairedPass:
 Chain = tuple  # ((nn.Sequential, child index), ...): each Sequential the child of the one before, outermost first
 
 
-class _Cuts:
+class Cuts:
     """Where a forward can resume: the input of a child of an nn.Sequential (the child reads nothing else, and
     nothing else reads what the Sequential's earlier children computed).
 
@@ -262,7 +262,7 @@ class _Cuts:
         patched = []
         for level, (seq, index) in enumerate(self.chain):
             start = x if level == len(self.chain) - 1 else None
-            seq.forward = _resume_at(seq, index, start)
+            seq.forward = resume_at(seq, index, start)
             patched.append(seq)
         try:
             yield
@@ -276,7 +276,7 @@ class _Cuts:
         self.kept, self.chain = {}, ()
 
 
-def _resume_at(seq: nn.Sequential, index: int, start: Tensor | None) -> Callable:
+def resume_at(seq: nn.Sequential, index: int, start: Tensor | None) -> Callable:
     """A forward for `seq` that ignores its input: it runs children index.. from `start`, or, when `start` is
     None, from what child `index` (a Sequential resumed in turn) returns."""
     children = list(seq)

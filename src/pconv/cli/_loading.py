@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..calibration import Calibration, CalibrationConfig
+from ..calibration import CALIBRATIONS, Calibration, CalibrationConfig
 from ..config import DEFAULT_CALIBRATION_IMAGES
 from ..data.config import data_config_of, override_data_config
 from ..data.folders import image_dataset, subset
@@ -129,13 +129,19 @@ def load_model(choice: ModelChoice, device: torch.device, overrides: dict[str, A
 
 
 def calibration_config(time_steps: list[int], threshold: str, method: str, encoding_levels: int,
-                       population_budget: float) -> CalibrationConfig:
+                       population_budget: float, recon_steps: int | None = None) -> CalibrationConfig:
     """The command line's calibration choices, checked together (a bad combination is a usage error)."""
+    options = {} if recon_steps is None else {"recon_steps": recon_steps}
     try:
-        return CalibrationConfig(time_steps=tuple(time_steps), threshold=threshold, method=method,
-                                 encoding_levels=encoding_levels, population_budget=population_budget)
+        config = CalibrationConfig(time_steps=tuple(time_steps), threshold=threshold, method=method,
+                                   encoding_levels=encoding_levels, population_budget=population_budget, **options)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
+    if recon_steps is not None and not any("recon_steps" in CALIBRATIONS.get(step.method).options
+                                           for step in config.plan.values()):
+        raise click.UsageError("--recon-steps applies to --calibration recon only, which no T of this calibration "
+                               "runs; drop it or add --calibration recon")
+    return config
 
 
 @dataclass(frozen=True)

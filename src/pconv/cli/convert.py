@@ -49,7 +49,8 @@ CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", *CALIBRATI
 @click.pass_context
 def convert(ctx: click.Context, choice: ModelChoice, calib: Path | None, data: Path | None, output: Path,
             time_steps: int | None, neuron: str, num_images: int | None, batch_size: int, seed: int, workers: int,
-            threshold: str, method: str, encoding_levels: int, population_budget: float, memory_budget: int | None,
+            threshold: str, method: str, encoding_levels: int, population_budget: float, recon_steps: int | None,
+            memory_budget: int | None,
             overrides: dict, use_train_size: bool, device: str, force: bool, as_json: bool) -> None:
     """Convert MODEL into a spiking network with T time steps and write it to one safetensors file.
 
@@ -62,7 +63,8 @@ def convert(ctx: click.Context, choice: ModelChoice, calib: Path | None, data: P
                                                   "already fixes them")
     out = Output(as_json)
     if data is not None:
-        config = calibration_config([time_steps or DEFAULT_T], threshold, method, encoding_levels, population_budget)
+        config = calibration_config([time_steps or DEFAULT_T], threshold, method, encoding_levels, population_budget,
+                                    recon_steps)
     check_output(output, force)
     started = time.perf_counter()
     dev = resolve_device(device)

@@ -89,3 +89,15 @@ def qcfs(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, levels: 
     theta_in, bias, theta_out = neuron_params(theta, delta_in, delta_out, levels, population)
     k = population_count(x, theta_in, bias, levels, population, channel_dim)
     return count_output(k, theta_out, levels * population, channel_dim, inplace=True)
+
+
+def qcfs_straight_through(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, levels: int,
+                          channel_dim: int = 1) -> Tensor:
+    """DA-QCFS with L = `levels` (m*T for a population), differentiable: clamp(floor(u), 0, L) is computed as
+    floor(clamp(u, 0, L)) (the same integers), the clamp's gradient 1 inside [0, L] and the floor's taken as 1
+    (the straight-through estimator, as LSQ does), so inputs that round to level 0 still pass a gradient. Its
+    values are QCFS's up to rounding; only calibration by gradient descent uses it, never an SNN."""
+    t, d_in, d_out = (per_channel(p, x, channel_dim) for p in (theta, delta_in, delta_out))
+    u = (levels * (x + d_in) / t + PHI).clamp(0, levels)
+    k = u + (torch.floor(u) - u).detach()
+    return k * ((t + d_out) / levels)

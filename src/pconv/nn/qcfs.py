@@ -20,6 +20,8 @@ def activation(x: Tensor, cap: float | None) -> Tensor:
 class QCFSMode(Enum):
     QUANT = "quant"  # DA-QCFS, the count-domain twin of the site's neurons
     CLIP = "clip"  # clamp(x, 0, theta): the full-precision reference DA calibration aims at
+    STE = "ste"  # QUANT's values, with the floor's gradient passed straight through (recon trains through it)
+    ANN = "ann"  # the ANN activation the site replaces (the reference recon reconstructs)
 
 
 class QCFS(nn.Module):
@@ -50,6 +52,10 @@ class QCFS(nn.Module):
             return x
         if self.mode is QCFSMode.CLIP:
             y = torch.minimum(x.clamp_min(0), PF.per_channel(self.theta, x))
+        elif self.mode is QCFSMode.STE:
+            y = PF.qcfs_straight_through(x, self.theta, self.delta_in, self.delta_out, self.resolution)
+        elif self.mode is QCFSMode.ANN:
+            y = self.activation(x)
         else:
             y = self.quantized(x)
         if self.tap is not None:
