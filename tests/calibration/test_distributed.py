@@ -42,19 +42,23 @@ def test_two_ranks_equal_one_process(tmp_path, threshold, method, population_bud
         torch.set_num_threads(threads)
     assert ranks[0].provenance["num_images"] == single.provenance["num_images"] == 37
     assert ranks[0].populated == ranks[1].populated == single.populated
+    # recon: each step's gradients are summed over the processes, in another order than one process sums them;
+    # after the Adam steps the stored (float32) parameters differ by a rounding or two (measured <= 1.5e-7
+    # relative), so recon is held to 1e-6
+    tol = 1e-6 if method == "recon" else 1e-9
     for T in (4, 8):
         for name, p in single.params[T].items():
             for rank in ranks:
                 q = rank.params[T][name]
-                assert torch.allclose(q.theta, p.theta, rtol=1e-9, atol=0), (T, name)
-                assert torch.allclose(q.delta_in, p.delta_in, atol=1e-9, rtol=0), (T, name)
-                assert torch.allclose(q.delta_out, p.delta_out, atol=1e-9, rtol=0), (T, name)
+                assert torch.allclose(q.theta, p.theta, rtol=tol, atol=0), (T, name)
+                assert torch.allclose(q.delta_in, p.delta_in, atol=tol, rtol=0), (T, name)
+                assert torch.allclose(q.delta_out, p.delta_out, atol=tol, rtol=0), (T, name)
             # Every rank ends with identical parameters.
             for leaf in ("theta", "delta_in", "delta_out"):
                 assert torch.equal(getattr(ranks[0].params[T][name], leaf), getattr(ranks[1].params[T][name], leaf))
         for key, value in single.weights.get(T, {}).items():
             for rank in ranks:
-                assert torch.allclose(rank.weights[T][key], value, rtol=1e-7, atol=1e-9), (T, key)
+                assert torch.allclose(rank.weights[T][key], value, rtol=max(tol, 1e-7), atol=1e-9), (T, key)
 
 
 def torchrun(tmp_path, *args):
