@@ -53,12 +53,15 @@ class CalibrationConfig:
         set_(self, "population_budget", check_population_budget(self.population_budget))
         set_(self, "bins", check_bins(self.bins))
         set_(self, "recon_steps", check_recon_steps(self.recon_steps))
-        if self.recon_steps != DEFAULT_RECON_STEPS and not any(
-                "recon_steps" in CALIBRATIONS.get(step.method).options for step in self.plan.values()):
+        if self.recon_steps != DEFAULT_RECON_STEPS and not self.reads("recon_steps"):
             raise ConfigError(f"recon steps are an option of the recon method, not of {self.method}",
                               "drop --recon-steps, or pass --calibration recon")
         if method.check:
             method.check(self)
+
+    def reads(self, option: str) -> bool:
+        """Whether a method that runs at some T of the plan reads this option of the configuration."""
+        return any(option in CALIBRATIONS.get(step.method).options for step in self.plan.values())
 
     def method_options(self, method: str) -> dict[str, Any]:
         """The configured values of the options `method` reads (passed to its run function by keyword)."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -41,7 +40,7 @@ from ..utils.progress import Progress
 from .fit import fit_sites
 from .methods import calibration_method
 from .paired import Chain, Cuts, resume_at
-from .sampling import image_keys
+from .sampling import image_keys, uniform_draws
 
 #: Images per step, on average (each image joins a step with probability BATCH / N).
 BATCH = 32
@@ -73,12 +72,11 @@ def find_blocks(model: nn.Module, modules: Mapping[str, QCFS], example: Tensor) 
     the cut it runs under; runs under the same cut form a block; a run outside every cut after the first
     block (the head) joins the block before it, and a block without a site joins the next one."""
     cuts = Cuts(model)
-    events: list[tuple[Chain, nn.Module, Tensor | None]] = []
+    events: list[tuple[Chain, nn.Module]] = []
     sites = set(modules.values())
 
     def seen(module, inputs, output):
-        x = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
-        events.append((cuts.where(), module, x))
+        events.append((cuts.where(), module))
 
     handles = [m.register_forward_hook(seen) for m in model.modules()
                if m in sites or any(True for _ in m.parameters(recurse=False))]
@@ -89,7 +87,7 @@ def find_blocks(model: nn.Module, modules: Mapping[str, QCFS], example: Tensor) 
         for handle in handles:
             handle.remove()
     blocks: list[Block] = []
-    for chain, module, _ in events:
+    for chain, module in events:
         chain = cuts.usable(chain) or None
         if not blocks or (chain is not None and chain != blocks[-1].start):
             blocks.append(Block(start=chain, end=None))
@@ -228,15 +226,6 @@ class _Learnable:
                 p.copy_(next(it))
 
 
-def _draws(keys: list[bytes], salt: str, steps: int) -> Tensor:
-    """[images, steps] uniform numbers, each image's seeded by its own content and `salt`."""
-    rows = []
-    for key in keys:
-        seed = int.from_bytes(hashlib.blake2b(key + salt.encode(), digest_size=8).digest(), "little") >> 1
-        rows.append(torch.rand(steps, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-    return torch.stack(rows) if rows else torch.zeros(0, steps, dtype=torch.float64)
-
-
 class _Inputs:
     """Each image's input of the current block in the quantized network and in the ANN: kept for every
     image when they fit the budget, else recomputed from the images for the images a step needs."""
@@ -323,7 +312,7 @@ def _train(qnet: nn.Module, ann: nn.Module, pair: tuple[Block, Block], after: tu
     the descent left worse than `before` gets its earlier values back, and keeps `before`."""
     learn = _Learnable(pair[0], steps)
     saved = learn.snapshot()
-    draws = _draws(inputs.keys, f"recon:{pair[0].name}", steps)
+    draws = uniform_draws(inputs.keys, f"recon:{pair[0].name}", steps)
     for step in range(steps):
         learn.schedule(step)
         index = torch.nonzero(draws[:, step] < share).flatten()

@@ -27,6 +27,18 @@ def per_image(total_wanted: int, num_images: int) -> int:
     return max(1, math.ceil(total_wanted / max(num_images, 1)))
 
 
+def image_generator(key: bytes, salt: str) -> torch.Generator:
+    """A generator seeded by one image's key and `salt` (a site's or a block's name)."""
+    seed = int.from_bytes(hashlib.blake2b(key + salt.encode(), digest_size=8).digest(), "little") >> 1
+    return torch.Generator().manual_seed(seed)
+
+
+def uniform_draws(keys: list[bytes], salt: str, count: int) -> Tensor:
+    """[images, count] uniform numbers in [0, 1), each image's row drawn from its own generator."""
+    rows = [torch.rand(count, generator=image_generator(key, salt), dtype=torch.float64) for key in keys]
+    return torch.stack(rows) if rows else torch.zeros(0, count, dtype=torch.float64)
+
+
 def sample_index(keys: list[bytes], salt: str, positions: int, count: int, device: torch.device) -> Tensor | None:
     """Flat indices into `len(keys) * positions` (image-major): `count` positions of each image, drawn (with
     replacement) from a generator seeded by the image's key and `salt`. None when `count` covers them all."""
@@ -34,7 +46,5 @@ def sample_index(keys: list[bytes], salt: str, positions: int, count: int, devic
         return None
     picks = []
     for i, key in enumerate(keys):
-        seed = int.from_bytes(hashlib.blake2b(key + salt.encode(), digest_size=8).digest(), "little") >> 1
-        generator = torch.Generator().manual_seed(seed)
-        picks.append(torch.randint(0, positions, (count,), generator=generator) + i * positions)
+        picks.append(torch.randint(0, positions, (count,), generator=image_generator(key, salt)) + i * positions)
     return torch.cat(picks).to(device)

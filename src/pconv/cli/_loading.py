@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..calibration import CALIBRATIONS, Calibration, CalibrationConfig
+from ..calibration import Calibration, CalibrationConfig
 from ..config import DEFAULT_CALIBRATION_IMAGES
 from ..data.config import data_config_of, override_data_config
 from ..data.folders import image_dataset, subset
@@ -137,8 +137,8 @@ def calibration_config(time_steps: list[int], threshold: str, method: str, encod
                                    encoding_levels=encoding_levels, population_budget=population_budget, **options)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    if recon_steps is not None and not any("recon_steps" in CALIBRATIONS.get(step.method).options
-                                           for step in config.plan.values()):
+    # the config refuses only a value other than the default; the command line also refuses the default given
+    if recon_steps is not None and not config.reads("recon_steps"):
         raise click.UsageError("--recon-steps applies to --calibration recon only, which no T of this calibration "
                                "runs; drop it or add --calibration recon")
     return config
