@@ -40,6 +40,31 @@ def test_resnet20_blocks_are_the_stem_and_its_nine_residual_blocks():
     assert model.linear in blocks[-1].modules and blocks[-1].end is None
     for block, after in zip(blocks, blocks[1:]):
         assert block.end == after.start
+    # the stages that end before a block starts return zeros when it runs, instead of computing a blank image
+    skipped = {b.name: [seq for seq, _, _ in b.skipped] for b in blocks}
+    assert skipped["layer1.0"] == [] and skipped["layer1.2"] == []
+    assert skipped["layer2.1"] == [model.layer1]
+    assert skipped["layer3.0"] == [model.layer1, model.layer2]
+    assert [shape for _, shape, _ in blocks[-1].skipped] == [(16, 32, 32), (32, 16, 16)]
+
+
+def test_a_block_runs_without_the_stages_before_it():
+    model = zoo.cifar10_resnet20().double()
+    x = images(3)
+    modules = _quantized(model, x)
+    block = next(b for b in find_blocks(model, modules, x) if b.name == "layer3.1")
+    ran = []
+    hooks = [m.register_forward_hook(lambda m, i, o: ran.append(m)) for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    x_in = torch.randn(3, 64, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out = run_block(model, block, x_in, tuple(x.shape[1:]))
+        for hook in hooks:
+            hook.remove()
+        expected = model.layer3[1](x_in)
+    assert torch.equal(out, expected)
+    # the stem's convolution still sees the blank image (it is not in a Sequential); no stage before layer3 runs
+    assert ran == [model.conv1, model.layer3[1].conv1, model.layer3[1].conv2]
 
 
 @pytest.mark.parametrize("factory", [zoo.cifar10_resnet20, nets.vgg_small, nets.timm_resnet])

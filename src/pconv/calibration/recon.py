@@ -65,6 +65,9 @@ class Block:
     modules: list[nn.Module] = field(default_factory=list)
     in_bytes: int = 0  # per image, at the start cut
     name: str = "stem"  # the module at the start cut
+    #: Sequentials that run to their end before the block's start cut is reached, with what each returns for one
+    #: image (shape and dtype): reaching the block, they return zeros instead of running on a blank image
+    skipped: list[tuple[nn.Sequential, tuple[int, ...], torch.dtype]] = field(default_factory=list)
 
 
 def find_blocks(model: nn.Module, modules: Mapping[str, QCFS], example: Tensor) -> list[Block]:
@@ -74,12 +77,22 @@ def find_blocks(model: nn.Module, modules: Mapping[str, QCFS], example: Tensor) 
     cuts = Cuts(model)
     events: list[tuple[Chain, nn.Module]] = []
     sites = set(modules.values())
+    started: dict[nn.Sequential, int] = {}  # the forward's order of Sequential starts and ends
+    ended: dict[nn.Sequential, tuple[int, Any]] = {}
 
     def seen(module, inputs, output):
         events.append((cuts.where(), module))
 
+    def start(seq, inputs):
+        started.setdefault(seq, len(started) + len(ended))
+
+    def end(seq, inputs, output):
+        ended[seq] = (len(started) + len(ended), output)
+
     handles = [m.register_forward_hook(seen) for m in model.modules()
                if m in sites or any(True for _ in m.parameters(recurse=False))]
+    for seq in cuts.sequentials:
+        handles += [seq.register_forward_pre_hook(start), seq.register_forward_hook(end)]
     try:
         with torch.no_grad(), cuts.tracking():
             model(example[:1])
@@ -107,19 +120,27 @@ def find_blocks(model: nn.Module, modules: Mapping[str, QCFS], example: Tensor) 
         if block.start is not None:
             seq, index = block.start[-1]
             block.name = paths.get(id(seq[index]), block.name)
+            begins = started[block.start[0][0]]
+            block.skipped = [(done, tuple(out.shape[1:]), out.dtype) for done, (at, out) in ended.items()
+                             if at < begins and cuts.calls.get(id(done)) == 1 and isinstance(out, Tensor)]
         block.in_bytes = tensor_bytes(example[:1]) if block.start is None else \
             tensor_bytes(run_to(model, block.start, example[:1]))
     return merged
 
 
 @contextlib.contextmanager
-def _segment(cuts_from: Chain | None, x: Tensor, end: Chain | None) -> Iterator[None]:
-    """While open, a forward of the model runs from the cut `cuts_from` (fed x) and stops at `end`."""
+def _segment(block: Block, x: Tensor) -> Iterator[None]:
+    """While open, a forward of the model runs from the block's start cut (fed x) and stops at its end; the
+    Sequentials before the start return zeros (what they compute is never read: the start is a cut)."""
     patched: list[nn.Sequential] = []
     handle = None
+    cuts_from, end = block.start, block.end
     if cuts_from:
         for level, (seq, index) in enumerate(cuts_from):
             seq.forward = resume_at(seq, index, x if level == len(cuts_from) - 1 else None)
+            patched.append(seq)
+        for seq, shape, dtype in block.skipped:
+            seq.forward = lambda *args, shape=shape, dtype=dtype, **kwargs: x.new_zeros((len(x), *shape), dtype=dtype)
             patched.append(seq)
     if end:
         seq, index = end[-1]
@@ -139,10 +160,10 @@ def _segment(cuts_from: Chain | None, x: Tensor, end: Chain | None) -> Iterator[
 
 def run_block(model: nn.Module, block: Block, x: Tensor, image_shape: tuple[int, ...]) -> Tensor:
     """The block's output for its input x (the images, for the first block). A block that starts at a cut
-    is reached through the model's forward, which runs what precedes its outermost Sequential on a blank
-    image (`image_shape`, [C, H, W]) and ignores the result."""
+    is reached through the model's forward, which runs what precedes its outermost Sequential, other than the
+    Sequentials skipped, on a blank image (`image_shape`, [C, H, W]) and ignores the result."""
     images = x if block.start is None else x.new_zeros((len(x), *image_shape))
-    with _segment(block.start, x, block.end):
+    with _segment(block, x):
         try:
             out = model(images)
         except _Stop as stop:
@@ -227,8 +248,9 @@ class _Learnable:
 
 
 class _Inputs:
-    """Each image's input of the current block in the quantized network and in the ANN: kept for every
-    image when they fit the budget, else recomputed from the images for the images a step needs."""
+    """Each image's input of the current block in the quantized network and the ANN's target for it (`_target`):
+    kept for every image when they fit the budget, else recomputed from the images for the images a step needs.
+    """
 
     def __init__(self, qnet: nn.Module, ann: nn.Module, batches: ImageBatches, keep: bool):
         self.qnet, self.ann, self.batches, self.keep = qnet, ann, batches, keep
@@ -242,12 +264,26 @@ class _Inputs:
         self.start: tuple[Chain | None, Chain | None] = (None, None)  # the current block's, in qnet and ann
         self.x_q: Tensor | None = None
         self.x_ann: Tensor | None = None
+        self.targets: Tensor | None = None
+        self.pairs: tuple[tuple[Block, Block], tuple[Block, Block] | None] | None = None  # the block and the next
         if keep:
             self.x_q = self.x_ann = torch.cat([x for x in batches]).to(self.device)
 
-    def take(self, index: Tensor) -> tuple[Tensor, Tensor]:
+    def begin(self, pair: tuple[Block, Block], after: tuple[Block, Block] | None) -> None:
+        """Serve the block `pair` (the next one `after`): its targets are computed once, when kept."""
+        self.pairs = (pair, after)
         if self.keep:
-            return self.x_q[index], self.x_ann[index]
+            self.targets = torch.cat([_target(self.ann, pair, after, part, self.image_shape)
+                                      for part in self.x_ann.split(self.chunk)])
+
+    def take(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The block's input in the quantized network and the ANN's target, for the images `index`."""
+        if self.keep:
+            return self.x_q[index], self.targets[index]
+        x_q, x_ann = self._recomputed(index)
+        return x_q, _target(self.ann, *self.pairs, x_ann, self.image_shape)
+
+    def _recomputed(self, index: Tensor) -> tuple[Tensor, Tensor]:
         wanted = set(index.tolist())
         picked, offset = [], 0
         for x in self.batches:
@@ -273,41 +309,48 @@ class _Inputs:
             return torch.cat([run_block(model, block, part, self.image_shape) for part in x.split(self.chunk)])
 
 
-def _compared(qnet: nn.Module, ann: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Block] | None,
-              x_q: Tensor, x_ann: Tensor, image_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """(what the quantized block gives, what the ANN's gives) where the error is measured: at the block's output
-    seen through the next block run at full precision (its sites computing the ANN's activation, its layers
-    not yet changed), or at the network's output for the last block. Through the next block's layers, the
-    rounding of the block's last site is judged by what it does to the sums that read it, not value by value."""
+def _target(ann: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Block] | None, x_ann: Tensor,
+            image_shape: tuple[int, ...]) -> Tensor:
+    """What the ANN gives where the error is measured: at the block's output seen through the next block, or at
+    the network's output for the last block (`_output`)."""
     with torch.no_grad():
         target = run_block(ann, pair[1], x_ann, image_shape)
         if after is not None:
             target = run_block(ann, after[1], target, image_shape)
+    return target
+
+
+def _output(qnet: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Block] | None, x_q: Tensor,
+            image_shape: tuple[int, ...]) -> Tensor:
+    """What the quantized block gives where the error is measured: its output seen through the next block run at
+    full precision (its sites computing the ANN's activation, its layers not yet changed), or the network's
+    output for the last block. Through the next block's layers, the rounding of the block's last site is judged
+    by what it does to the sums that read it, not value by value."""
     with _mode(pair[0].sites, QCFSMode.STE):
         out = run_block(qnet, pair[0], x_q, image_shape)
     if after is not None:
         with _mode(after[0].sites, QCFSMode.ANN):
             out = run_block(qnet, after[0], out, image_shape)
-    return out, target
+    return out
 
 
-def _block_error(qnet: nn.Module, ann: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Block] | None,
+def _block_error(qnet: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Block] | None,
                  inputs: _Inputs) -> float:
     """Mean squared error that the block's training minimises, over every calibration image (reduced over
     processes)."""
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, len(inputs.keys), inputs.chunk):
-            x_q, x_ann = inputs.take(torch.arange(start, min(start + inputs.chunk, len(inputs.keys))))
-            out, target = _compared(qnet, ann, pair, after, x_q, x_ann, inputs.image_shape)
+            x_q, target = inputs.take(torch.arange(start, min(start + inputs.chunk, len(inputs.keys))))
+            out = _output(qnet, pair, after, x_q, inputs.image_shape)
             total += torch.tensor([float((out - target).double().pow(2).sum()), float(target.numel())],
                                   dtype=torch.float64)
     total = distributed.reduce_sum(total)
     return float(total[0] / total[1].clamp_min(1))
 
 
-def _train(qnet: nn.Module, ann: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Block] | None,
-           inputs: _Inputs, steps: int, share: float, before: float, tick) -> float:
+def _train(qnet: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Block] | None, inputs: _Inputs,
+           steps: int, share: float, before: float, tick) -> float:
     """Adam on the block's parameters for `steps` steps; the block's error over every image afterwards. A block
     the descent left worse than `before` gets its earlier values back, and keeps `before`."""
     learn = _Learnable(pair[0], steps)
@@ -320,15 +363,15 @@ def _train(qnet: nn.Module, ann: nn.Module, pair: tuple[Block, Block], after: tu
         learn.optimizer.zero_grad(set_to_none=False)
         learn.apply()
         if len(index):
-            x_q, x_ann = inputs.take(index)
-            out, target = _compared(qnet, ann, pair, after, x_q, x_ann, inputs.image_shape)
+            x_q, target = inputs.take(index)
+            out = _output(qnet, pair, after, x_q, inputs.image_shape)
             loss = (out - target).pow(2).sum() / (count * target[0].numel())
             loss.backward()
         _sum_gradients(learn.tensors())
         learn.optimizer.step()
         tick()
     learn.freeze()
-    error = _block_error(qnet, ann, pair, after, inputs)
+    error = _block_error(qnet, pair, after, inputs)
     if error > before:  # every process sees the same reduced errors, so all restore alike
         learn.restore(saved)
         return before
@@ -342,9 +385,9 @@ def reconstruct_blocks(qnet: nn.Module, ann: nn.Module, modules: Mapping[str, QC
     blocks = find_blocks(qnet, modules, example)
     twins = find_blocks(ann, _twins(ann, qnet, modules), example)
     local = batches.num_images
-    # the inputs of a block and of the next, in both networks, for every image
+    # the inputs of a block and of the next, in both networks, and the targets, for every image
     worst = max(b.in_bytes for b in blocks)
-    keep = not distributed.reduce_any(4 * worst * local > max(budget - batches.held_bytes, 0))
+    keep = not distributed.reduce_any(5 * worst * local > max(budget - batches.held_bytes, 0))
     inputs = _Inputs(qnet, ann, batches, keep)
     share = min(1.0, BATCH / max(distributed.reduce_count(local), 1))
     for p in list(qnet.parameters()) + list(ann.parameters()):
@@ -354,8 +397,9 @@ def reconstruct_blocks(qnet: nn.Module, ann: nn.Module, modules: Mapping[str, QC
     pairs = list(zip(blocks, twins))
     for pair, after in zip(pairs, pairs[1:] + [None]):
         block = pair[0]
-        before = _block_error(qnet, ann, pair, after, inputs)
-        error = _train(qnet, ann, pair, after, inputs, steps, share, before, tick) if steps else before
+        inputs.begin(pair, after)
+        before = _block_error(qnet, pair, after, inputs)
+        error = _train(qnet, pair, after, inputs, steps, share, before, tick) if steps else before
         errors.append((block.name, before, error))
         inputs.advance(pair)
     levels = str(next(iter(modules.values())).levels)

@@ -38,13 +38,14 @@ def neuron_params(theta: Tensor, delta_in: Tensor, delta_out: Tensor, time_steps
 def spike_count(x_mean: Tensor, theta_in: Tensor, bias: Tensor, time_steps: int, channel_dim: int = 1) -> Tensor:
     """k = clamp(floor((T*mean(x) + b) / theta_in), 0, T): how many of the T steps spike.
 
-    Evaluated as floor(mean(x) * (T/theta_in) + b/theta_in): one multiply-add per element, with the
-    per-channel factors computed once. QCFS and every neuron call this one function, so they agree
-    bit for bit whatever the rounding of this form.
+    Evaluated as floor(mean(x) * (T/theta_in) + b/theta_in), with the per-channel factors computed once, as a
+    multiply and then an in-place add: torch's addcmul against two per-channel (broadcast) factors is not
+    vectorised on the CPU and costs three times the two passes (docs/benchmarks.md). QCFS and every neuron call
+    this one function, so they agree bit for bit whatever the rounding of this form.
     """
     scale = per_channel(time_steps / theta_in, x_mean, channel_dim)
     offset = per_channel(bias / theta_in, x_mean, channel_dim)
-    return torch.addcmul(offset, x_mean, scale).floor_().clamp_(0, time_steps)
+    return (x_mean * scale).add_(offset).floor_().clamp_(0, time_steps)
 
 
 def population_biases(theta_in: Tensor, bias: Tensor, population: int) -> list[Tensor]:
