@@ -101,31 +101,60 @@ class TensorMeter(TorchDispatchMode):
 
     torch has no allocator statistics on the CPU, so the count is taken at the dispatcher: each new storage
     once (a view or an in-place result shares its input's), released when the tensor that created it is freed
-    (a view that outlives it is not counted on)."""
+    (a view that outlives it is not counted on). Every operator of a calibration passes through here, so the
+    common cases are decided without torch's pytree: operators that return views or write into an argument are
+    known from their schema once, and inputs are looked for one list deep (where operators take tensors)."""
 
     def __init__(self):
         super().__init__()
-        self.live: dict[int, int] = {}
+        self.live: dict[int, tuple[int, weakref.ref]] = {}
         self.current = 0
         self.peak = 0
+        self._aliasing: dict[Any, bool] = {}  # operator -> its results share an argument's storage
 
     def _release(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self.current -= entry[0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, Tensor) and t.device.type != "meta"}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live and key not in inputs:  # views and in-place results: not new
-                    self.live[key] = storage.nbytes()
-                    self.current += self.live[key]
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(t, self._release, key)
+        aliasing = self._aliasing.get(func)
+        if aliasing is None:
+            aliasing = self._aliasing[func] = bool(getattr(func, "is_view", False) or func._schema.is_mutable)
+        if aliasing:
+            return out
+        outputs = (out,) if isinstance(out, Tensor) else tree_flatten(out)[0]
+        inputs = None
+        for t in outputs:
+            if not isinstance(t, Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if not key or key in self.live:
+                continue
+            if inputs is None:
+                inputs = _storages(args, kwargs)
+            if key in inputs:  # an input returned as it is
+                continue
+            nbytes = storage.nbytes()
+            self.live[key] = (nbytes, weakref.ref(t, lambda _, key=key: self._release(key)))
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
         return out
+
+
+def _storages(args: tuple, kwargs: dict | None) -> set[int]:
+    """The storages of the tensors among an operator's arguments (and in the lists among them)."""
+    found = set()
+    for value in (*args, *(kwargs or {}).values()):
+        if isinstance(value, Tensor):
+            if value.device.type != "meta":
+                found.add(value.untyped_storage().data_ptr())
+        elif isinstance(value, (list, tuple)):
+            found.update(v.untyped_storage().data_ptr() for v in value
+                         if isinstance(v, Tensor) and v.device.type != "meta")
+    return found
 
 
 def peak_tensor_bytes(fn: Callable[..., Any], *args: Any) -> int:
