@@ -143,3 +143,25 @@ def test_linear_layout_channels_on_dim_1():
     neuron = make_neuron("parallel", theta, d_in, d_out, T).double()
     x = torch.randn(3, C, generator=g, dtype=torch.float64)
     assert torch.equal(neuron(x), PF.qcfs(x, theta, d_in, d_out, T))
+
+
+def test_count_engine_follows_changed_parameters():
+    """The count engine keeps its per-channel factors between calls; a parameter changed in place, replaced, or
+    moved to another dtype is seen at the next call (the output is a freshly built neuron's)."""
+    g = torch.Generator().manual_seed(11)
+    theta, d_in, d_out = random_params(8, g)
+    neuron = make_neuron("parallel", theta, d_in, d_out, 8, population=3).double()
+    x = torch.randn(4, C, 3, 3, generator=g, dtype=torch.float64)
+
+    def fresh():
+        return ParallelIF(neuron.theta_in, neuron.bias, neuron.theta_out, 8, 3)(x)
+
+    assert torch.equal(neuron(x), fresh())
+    with torch.no_grad():
+        neuron.theta_in.mul_(1.7)
+    assert torch.equal(neuron(x), fresh())
+    neuron.bias = neuron.bias + 0.25
+    assert torch.equal(neuron(x), fresh())
+    expected = fresh()
+    neuron.float().double()  # new tensors: the rounding to float32 changes them
+    assert not torch.equal(neuron(x), expected) and torch.equal(neuron(x), fresh())

@@ -43,9 +43,19 @@ def spike_count(x_mean: Tensor, theta_in: Tensor, bias: Tensor, time_steps: int,
     vectorised on the CPU and costs three times the two passes (docs/benchmarks.md). QCFS and every neuron call
     this one function, so they agree bit for bit whatever the rounding of this form.
     """
-    scale = per_channel(time_steps / theta_in, x_mean, channel_dim)
-    offset = per_channel(bias / theta_in, x_mean, channel_dim)
-    return (x_mean * scale).add_(offset).floor_().clamp_(0, time_steps)
+    scale, offset = count_factors(theta_in, bias, time_steps)
+    return counted(x_mean, scale, offset, time_steps, channel_dim)
+
+
+def count_factors(theta_in: Tensor, bias: Tensor, time_steps: int) -> tuple[Tensor, Tensor]:
+    """The per-channel factors of spike_count: (T/theta_in, b/theta_in)."""
+    return time_steps / theta_in, bias / theta_in
+
+
+def counted(x_mean: Tensor, scale: Tensor, offset: Tensor, levels: int, channel_dim: int = 1) -> Tensor:
+    """clamp(floor(mean(x) * scale + offset), 0, levels) per channel: spike_count with its factors given."""
+    scale, offset = per_channel(scale, x_mean, channel_dim), per_channel(offset, x_mean, channel_dim)
+    return (x_mean * scale).add_(offset).floor_().clamp_(0, levels)
 
 
 def population_biases(theta_in: Tensor, bias: Tensor, population: int) -> list[Tensor]:
@@ -70,9 +80,15 @@ def population_count(x_mean: Tensor, theta_in: Tensor, bias: Tensor, time_steps:
     the count engine costs one neuron's arithmetic whatever m; the spike engine, which must emit every neuron's
     spikes, sums them (population_counts): the two differ only where a value falls within rounding of a
     level boundary."""
+    theta_in, bias, levels = population_neuron(theta_in, bias, time_steps, population)
+    return spike_count(x_mean, theta_in, bias, levels, channel_dim)
+
+
+def population_neuron(theta_in: Tensor, bias: Tensor, time_steps: int, population: int) -> tuple[Tensor, Tensor, int]:
+    """(theta_in, bias, levels) of the one neuron with m*T levels whose count is a population's total."""
     if population == 1:
-        return spike_count(x_mean, theta_in, bias, time_steps, channel_dim)
-    return spike_count(x_mean, theta_in, bias * population, time_steps * population, channel_dim)
+        return theta_in, bias, time_steps
+    return theta_in, bias * population, time_steps * population
 
 
 def count_output(k: Tensor, theta_out: Tensor, time_steps: int, channel_dim: int = 1, inplace: bool = False) -> Tensor:

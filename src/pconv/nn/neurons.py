@@ -93,10 +93,12 @@ class ParallelIF(SpikingNeuron):
     def forward(self, x: Tensor) -> Tensor:
         T, m = self.time_steps, self.population
         if self.engine is Engine.COUNTS:  # one pass, whatever the population (Hermite's identity)
-            k = PF.population_count(x, self.theta_in, self.bias, T, m)
+            scale, offset, amplitude = self._count_factors()
+            k = PF.counted(x, scale, offset, T * m)
             if self.count_hook is not None:
                 self.count_hook(k, m)
-            return PF.count_output(k, self.theta_out, T * m, inplace=self.count_hook is None)
+                return k * PF.per_channel(amplitude, k)
+            return k.mul_(PF.per_channel(amplitude, k))
         x_mean = self.steps_view(x).mean(dim=0)
         counts = PF.population_counts(x_mean, self.theta_in, self.bias, T, m)
         if self.count_hook is not None:
@@ -107,6 +109,25 @@ class ParallelIF(SpikingNeuron):
             fired += (steps <= k.unsqueeze(0)).to(x.dtype)
         amplitude = PF.per_channel(self.theta_out / m, x_mean).unsqueeze(0)
         return (fired * amplitude).reshape(x.shape)
+
+
+    def _count_factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The count engine's per-channel factors (functional.population_count's and count_output's), computed
+        once while the parameters stay the same tensors with the same values: at batch 1 recomputing them at
+        every site cost as much as the site's arithmetic. Recomputed under torch.compile, which folds them."""
+        params = (self.theta_in, self.bias, self.theta_out)
+        # inference tensors have no version counter to tell a change by: those are not cached
+        cached = not torch.compiler.is_compiling() and not any(p.is_inference() for p in params)
+        key = (self.time_steps, self.population) + tuple((id(p), p._version) for p in params) if cached else None
+        if key is None or self._factors is None or self._factors[0] != key:
+            theta_in, bias, levels = PF.population_neuron(self.theta_in, self.bias, self.time_steps, self.population)
+            factors = (*PF.count_factors(theta_in, bias, levels), self.theta_out / levels)
+            if key is None:
+                return factors
+            self._factors = (key, params, factors)  # params held: their ids stay theirs while the key lives
+        return self._factors[2]
+
+    _factors: tuple | None = None
 
 
 @NEURONS.register("serial")
