@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -77,17 +78,18 @@ def find_blocks(model: nn.Module, modules: Mapping[str, QCFS], example: Tensor) 
     cuts = Cuts(model)
     events: list[tuple[Chain, nn.Module]] = []
     sites = set(modules.values())
-    started: dict[nn.Sequential, int] = {}  # the forward's order of Sequential starts and ends
+    order = itertools.count()  # the forward's order of Sequential starts and ends
+    started: dict[nn.Sequential, int] = {}
     ended: dict[nn.Sequential, tuple[int, Any]] = {}
 
     def seen(module, inputs, output):
         events.append((cuts.where(), module))
 
     def start(seq, inputs):
-        started.setdefault(seq, len(started) + len(ended))
+        started.setdefault(seq, next(order))
 
     def end(seq, inputs, output):
-        ended[seq] = (len(started) + len(ended), output)
+        ended[seq] = (next(order), output)
 
     handles = [m.register_forward_hook(seen) for m in model.modules()
                if m in sites or any(True for _ in m.parameters(recurse=False))]

@@ -91,6 +91,15 @@ def population_neuron(theta_in: Tensor, bias: Tensor, time_steps: int, populatio
     return theta_in, bias * population, time_steps * population
 
 
+def count_engine_factors(theta_in: Tensor, bias: Tensor, theta_out: Tensor, time_steps: int,
+                         population: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-channel factors of a site's count form: (scale, offset) of `counted` for the population's one
+    neuron with m*T levels, and the amplitude theta_out/(m*T) its count is multiplied by. QCFS and the count
+    engine both take them from here (the engine keeps them between calls)."""
+    theta_in, bias, levels = population_neuron(theta_in, bias, time_steps, population)
+    return (*count_factors(theta_in, bias, levels), theta_out / levels)
+
+
 def count_output(k: Tensor, theta_out: Tensor, time_steps: int, channel_dim: int = 1, inplace: bool = False) -> Tensor:
     """Time-mean output of a neuron that spiked k times with amplitude theta_out: k * (theta_out/T)."""
     amplitude = per_channel(theta_out / time_steps, k, channel_dim)
@@ -104,8 +113,9 @@ def qcfs(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, levels: 
     With a population of m neurons per channel it is computed as their summed counts, which equals the
     formula with m*L levels (population_count)."""
     theta_in, bias, theta_out = neuron_params(theta, delta_in, delta_out, levels, population)
-    k = population_count(x, theta_in, bias, levels, population, channel_dim)
-    return count_output(k, theta_out, levels * population, channel_dim, inplace=True)
+    scale, offset, amplitude = count_engine_factors(theta_in, bias, theta_out, levels, population)
+    k = counted(x, scale, offset, levels * population, channel_dim)
+    return k.mul_(per_channel(amplitude, k, channel_dim))
 
 
 def qcfs_straight_through(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, levels: int,

@@ -89,6 +89,8 @@ class ParallelIF(SpikingNeuron):
     """Parallel IF neuron: spikes at steps 1..k, k = clamp(floor((T*mean(x) + b)/theta_in), 0, T)."""
 
     type_name = "parallel"
+    #: (key of the parameters, the parameters, their count-engine factors), see _count_factors
+    _factors: tuple | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         T, m = self.time_steps, self.population
@@ -110,24 +112,20 @@ class ParallelIF(SpikingNeuron):
         amplitude = PF.per_channel(self.theta_out / m, x_mean).unsqueeze(0)
         return (fired * amplitude).reshape(x.shape)
 
-
     def _count_factors(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The count engine's per-channel factors (functional.population_count's and count_output's), computed
-        once while the parameters stay the same tensors with the same values: at batch 1 recomputing them at
-        every site cost as much as the site's arithmetic. Recomputed under torch.compile, which folds them."""
+        """functional.count_engine_factors of this neuron, computed once while the parameters stay the same
+        tensors with the same values: at batch 1 recomputing them at every site cost as much as the site's
+        arithmetic. Recomputed under torch.compile, which folds them."""
         params = (self.theta_in, self.bias, self.theta_out)
         # inference tensors have no version counter to tell a change by: those are not cached
         cached = not torch.compiler.is_compiling() and not any(p.is_inference() for p in params)
         key = (self.time_steps, self.population) + tuple((id(p), p._version) for p in params) if cached else None
         if key is None or self._factors is None or self._factors[0] != key:
-            theta_in, bias, levels = PF.population_neuron(self.theta_in, self.bias, self.time_steps, self.population)
-            factors = (*PF.count_factors(theta_in, bias, levels), self.theta_out / levels)
+            factors = PF.count_engine_factors(*params, self.time_steps, self.population)
             if key is None:
                 return factors
             self._factors = (key, params, factors)  # params held: their ids stay theirs while the key lives
         return self._factors[2]
-
-    _factors: tuple | None = None
 
 
 @NEURONS.register("serial")
