@@ -11,7 +11,10 @@ import shared_data as sd
 import pconv
 from pconv import zoo
 from pconv.calibration import CalibrationConfig
+from pconv.calibration import recon
 from pconv.calibration.recon import find_blocks, run_block
+from pconv.calibration.sampling import image_keys
+from pconv.nn import functional as PF
 from pconv.errors import ConfigError
 from pconv.nn.qcfs import QCFSMode, quantize
 from pconv.observe.sites import find_sites
@@ -104,6 +107,51 @@ def test_straight_through_mode_has_the_quantizers_values_and_a_gradient():
     assert torch.allclose(out, quantized, rtol=0, atol=1e-9)
     out.sum().backward()
     assert all(m.theta.grad is not None and m.theta.grad.abs().sum() > 0 for m in modules.values())
+
+
+def test_relaxed_quantizer_is_the_value_the_quantizer_rounds():
+    x = torch.randn(6, 3, 5, 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2
+    theta = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    zero = torch.zeros(3, dtype=torch.float64)
+    relaxed = PF.qcfs_relaxed(x, theta, zero, zero, 4)
+    assert torch.equal(relaxed, torch.minimum(x.clamp_min(0), theta.view(1, 3, 1, 1)))  # shifts 0: x clipped to θ
+    d_in, d_out = torch.tensor([0.1, -0.2, 0.05], dtype=torch.float64), torch.tensor([0.3, 0.0, -0.1], dtype=torch.float64)
+    relaxed = PF.qcfs_relaxed(x, theta, d_in, d_out, 4)
+    # rounded to nearest (floor(. + phi)) on its own level grid, it is the quantizer
+    step = ((theta + d_out) / 4).view(1, 3, 1, 1)
+    assert torch.allclose(torch.floor(relaxed / step + PF.PHI) * step, PF.qcfs(x, theta, d_in, d_out, 4),
+                          rtol=0, atol=1e-12)
+
+
+def test_dropping_passes_about_half_the_activations_unrounded_by_each_images_own_draws():
+    model = nets.vgg_small().double()
+    x = images(6, seed=5)
+    modules = _quantized(model, x)
+    for m in modules.values():
+        m.mode = QCFSMode.STE
+    keys = image_keys(x)
+    sites = list(modules.values())
+    first = sites[0]
+    seen = {}
+    with torch.no_grad(), recon._dropping(sites, keys, "salt"):
+        # registered after the dropping hook: it sees the output that the block's next layer reads
+        hook = first.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+        together = model(x)
+    dropped = seen["y"]
+    rounded = PF.qcfs_straight_through(seen["x"], first.theta, first.delta_in, first.delta_out, first.resolution)
+    relaxed = PF.qcfs_relaxed(seen["x"], first.theta, first.delta_in, first.delta_out, first.resolution)
+    differs = rounded != relaxed
+    took_relaxed = (dropped == relaxed) & differs
+    assert torch.equal(dropped[~took_relaxed], rounded[~took_relaxed])
+    share = took_relaxed.sum() / differs.sum()
+    assert 0.45 < share < 0.55, share
+    with torch.no_grad(), recon._dropping(sites, keys[4:], "salt"):  # an image's draws do not depend on its batch
+        alone = model(x[4:])
+    assert torch.allclose(alone, together[4:], rtol=0, atol=1e-12)  # (a batch of 2 rounds its sums its own way)
+    hook.remove()
+    assert not any(m._forward_hooks for m in sites)  # closed: every site rounds again
+    with torch.no_grad():
+        assert not torch.equal(model(x), together)
 
 
 #: Most mean over blocks of error after / before the test accepts (measured 0.923 with 30 steps; 1.0 = no gain).
