@@ -105,8 +105,9 @@ def test_default_method_on_a_model_it_was_not_chosen_on(tmp_path_factory):
 
 # one neuron per channel (the paper's network) with recon, default 300 steps, at T=8: measured 89.9 and 88.3 (ANN
 # 90.4) in two runs that differ only by float rounding, KL(ANN || SNN) 0.133 and 0.137 against fit's 0.180, at
-# 0.221x the ANN's energy per image (docs/accuracy.md); with QDrop (2026-12-02) 89.2, KL 0.135, at 0.206x. Top-1 on 1,000 images moves by a point with rounding, so
-# the floor only catches a broken method; the KL bound is what tells recon from fit.
+# 0.221x the ANN's energy per image (docs/accuracy.md); with QDrop (2026-12-02) 89.2, KL 0.135, at 0.206x.
+# Top-1 on 1,000 images moves by a point with rounding, so the floor only catches a broken method; the KL bound
+# is what tells recon from fit.
 RECON_T8_FLOOR = 87.5
 RECON_KL_RATIO = 0.9
 RECON_T8_ENERGY_RATIO = 0.25
