@@ -39,7 +39,8 @@ import shared_data as sd  # noqa: E402
 
 import pconv  # noqa: E402
 from pconv.data import folders as pdata  # noqa: E402
-from pconv.config import DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET, DEFAULT_RECON_STEPS  # noqa: E402
+from pconv.config import (DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET, DEFAULT_RECON_DROP,  # noqa: E402
+                          DEFAULT_RECON_STEPS)
 from pconv.data.config import data_config_of  # noqa: E402
 from pconv.measure.evaluate import evaluate  # noqa: E402
 
@@ -134,6 +135,29 @@ def energy(snn, test) -> dict[str, float]:
             "sops_per_image": d["sops_per_image"], "neurons_per_image": d["neurons_per_image"]}
 
 
+class StageLog:
+    """pconv's Progress protocol as lines on stderr (a stage's start, then at most one line a minute), so a
+    long run's log says how far it is; rich's bar is for terminals."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def stage(self, description: str, total: int | None):
+        started = last = time.perf_counter()
+        done = 0
+        print(f"[{self.label}] {description}", file=sys.stderr, flush=True)
+
+        def tick() -> None:
+            nonlocal done, last
+            done += 1
+            now = time.perf_counter()
+            if now - last >= 60 or done == total:
+                last = now
+                print(f"[{self.label}] {description}: {done}/{total if total else '?'}, {now - started:.0f} s",
+                      file=sys.stderr, flush=True)
+        return tick
+
+
 def _label(method: str) -> str:
     return method + (" (paper)" if method == PAPER else "")
 
@@ -203,6 +227,8 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="the T to calibrate and evaluate")
     parser.add_argument("--recon-steps", type=int, default=DEFAULT_RECON_STEPS,
                         help="Adam steps per block for the recon method")
+    parser.add_argument("--recon-drop", type=float, default=DEFAULT_RECON_DROP,
+                        help="QDrop's probability for the recon method")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="draw accuracy against T into this PNG")
     parser.add_argument("--frontier", type=Path, help="draw accuracy against energy per image into this PNG")
@@ -234,9 +260,11 @@ def main() -> None:
                 encoding = int(levels[0]) if levels else DEFAULT_ENCODING_LEVELS
                 budget = float(levels[1]) if len(levels) > 1 else DEFAULT_POPULATION_BUDGET
                 started = time.perf_counter()
-                options = {"recon_steps": args.recon_steps} if calibration == "recon" else {}
+                options = {"recon_steps": args.recon_steps, "recon_drop": args.recon_drop} \
+                    if calibration == "recon" else {}
                 cal = pconv.calibrate(model, calib, time_steps=steps, threshold=threshold, method=calibration,
-                                      encoding_levels=encoding, population_budget=budget, **options)
+                                      encoding_levels=encoding, population_budget=budget,
+                                      progress=StageLog(f"{model_name} {method}"), **options)
                 seconds = time.perf_counter() - started
                 snns = [pconv.convert(model, cal, time_steps=T) for T in steps]
                 scores = [compare(ann_logits, predictions(snn, test)[0], labels) for snn in snns]
@@ -248,7 +276,8 @@ def main() -> None:
                 accs = [s["top1"] for s in scores]
                 agreement = [round(s["agreement"], 2) for s in scores]
                 kl = [round(s["kl"], 5) for s in scores]
-                results.append({"model": model_name, "method": method, "ann_top1": ann, "time_steps": steps,
+                results.append({"model": model_name, "method": method, **options, "ann_top1": ann,
+                                "time_steps": steps,
                                 "populated": {str(T): names for T, names in cal.populated.items()},
                                 "snn_top1": accs, "snn_agreement": agreement, "snn_kl": kl, "neurons": neurons,
                                 "neurons_one_per_channel": plain,

@@ -133,7 +133,7 @@ def test_dropping_passes_about_half_the_activations_unrounded_by_each_images_own
     sites = list(modules.values())
     first = sites[0]
     seen = {}
-    with torch.no_grad(), recon._dropping(sites, keys, "salt"):
+    with torch.no_grad(), recon._dropping(sites, keys, "salt", 0.5):
         # registered after the dropping hook: it sees the output that the block's next layer reads
         hook = first.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
         together = model(x)
@@ -145,13 +145,32 @@ def test_dropping_passes_about_half_the_activations_unrounded_by_each_images_own
     assert torch.equal(dropped[~took_relaxed], rounded[~took_relaxed])
     share = took_relaxed.sum() / differs.sum()
     assert 0.45 < share < 0.55, share
-    with torch.no_grad(), recon._dropping(sites, keys[4:], "salt"):  # an image's draws do not depend on its batch
+    with torch.no_grad(), recon._dropping(sites, keys[4:], "salt", 0.5):  # an image's draws do not depend on its batch
         alone = model(x[4:])
     assert torch.allclose(alone, together[4:], rtol=0, atol=1e-12)  # (a batch of 2 rounds its sums its own way)
     hook.remove()
     assert not any(m._forward_hooks for m in sites)  # closed: every site rounds again
     with torch.no_grad():
         assert not torch.equal(model(x), together)
+
+
+@pytest.mark.parametrize("drop", [0.0, 1.0])
+def test_dropping_at_the_ends_of_its_range_rounds_all_or_nothing(drop):
+    model = nets.vgg_small().double()
+    x = images(4, seed=6)
+    modules = _quantized(model, x)
+    for m in modules.values():
+        m.mode = QCFSMode.STE
+    first = list(modules.values())[0]
+    seen = {}
+    with torch.no_grad(), recon._dropping(list(modules.values()), image_keys(x), "salt", drop):
+        hook = first.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+        model(x)
+    hook.remove()
+    args = (seen["x"], first.theta, first.delta_in, first.delta_out, first.resolution)
+    expected = PF.qcfs_relaxed(*args) if drop == 1.0 else PF.qcfs_straight_through(*args)
+    assert not torch.equal(PF.qcfs_relaxed(*args), PF.qcfs_straight_through(*args))
+    assert torch.equal(seen["y"], expected)
 
 
 #: Most mean over blocks of error after / before the test accepts (measured 0.923 with 30 steps; 1.0 = no gain).
@@ -226,3 +245,31 @@ def test_recon_steps_are_an_option_of_recon_only():
         CalibrationConfig(method="recon", recon_steps=-1)
     config = CalibrationConfig(time_steps=(4, 16), method="recon", recon_steps=9)
     assert CalibrationConfig.from_dict(config.to_dict()) == config
+
+
+def test_recon_drop_is_an_option_of_recon_only_and_files_say_what_dropped():
+    config = CalibrationConfig(method="recon", recon_drop=0.25)
+    assert config.to_dict()["recon_drop"] == 0.25 and CalibrationConfig.from_dict(config.to_dict()) == config
+    assert CalibrationConfig(method="recon").recon_drop == 0.5
+    with pytest.raises(ConfigError, match="drop probability is an option of the recon method"):
+        CalibrationConfig(method="auto", recon_drop=0.0)
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ConfigError, match="from 0 to 1"):
+            CalibrationConfig(method="recon", recon_drop=bad)
+    # a file written before the option: recon dropped what its provenance says (since QDrop), else nothing
+    old = {k: v for k, v in config.to_dict().items() if k != "recon_drop"}
+    assert CalibrationConfig.from_dict(old).recon_drop == 0.0
+    assert CalibrationConfig.from_dict(old, {"recon_drop": 0.5}).recon_drop == 0.5
+    fit = {k: v for k, v in CalibrationConfig(method="fit").to_dict().items() if k != "recon_drop"}
+    assert CalibrationConfig.from_dict(fit).recon_drop == 0.5  # not read by fit: the default, never refused
+
+
+def test_recon_drop_zero_trains_on_rounded_activations_and_is_recorded():
+    model = nets.vgg_small().double()
+    batches = [images(20, seed=7)]
+    config = dict(time_steps=(4,), method="recon", encoding_levels=0, population_budget=0, recon_steps=5)
+    plain = pconv.calibrate(model, batches, CalibrationConfig(**config, recon_drop=0.0))
+    dropped = pconv.calibrate(model, batches, CalibrationConfig(**config))
+    assert plain.provenance["recon_drop"] == 0.0 and dropped.provenance["recon_drop"] == 0.5
+    assert plain.config.recon_drop == 0.0
+    assert any(not torch.equal(v, dropped.weights[4][k]) for k, v in plain.weights[4].items())

@@ -107,10 +107,12 @@ def test_calibrate_records_every_T(calib_file):
 def test_calibrate_with_recon_records_its_steps_and_refitted_weights(folders, tmp_path):
     path = tmp_path / "recon.safetensors"
     doc = run_json("calibrate", TINY, "--data", folders["calib"], "-T", "2", "-o", path, "--calibration", "recon",
-                   "--recon-steps", "3")
+                   "--recon-steps", "3", "--recon-drop", "0.25")
     assert doc["calibration"] == "recon" and doc["config"]["recon_steps"] == 3
+    assert doc["config"]["recon_drop"] == 0.25
     calibration = pconv.load_calibration(path)
     assert calibration.config.recon_steps == 3 and calibration.provenance["recon_steps"] == 3
+    assert calibration.config.recon_drop == 0.25 and calibration.provenance["recon_drop"] == 0.25
     assert len(calibration.provenance["recon_error"]["2"]) == calibration.provenance["recon_blocks"] >= 1
     assert calibration.weights[2], "recon tunes the layers' weights, and the file keeps them"
 

@@ -65,6 +65,9 @@ def snn_file(folders, tmp_path_factory):
     (["--seed", "99999999999999999999999"], "--seed"),
     (["--recon-steps", "5"], "recon steps are an option of the recon method"),
     (["--recon-steps", "300"], "--recon-steps applies to --calibration recon only"),
+    (["--recon-drop", "0.5"], "--recon-drop applies to --calibration recon only"),
+    (["--recon-drop", "0.25"], "drop probability is an option of the recon method"),
+    (["--calibration", "recon", "--recon-drop", "2"], "not in the range"),
 ])
 def test_usage_mistakes_inside_a_command_exit_2(folders, tmp_path, args, needle):
     text = usage_error(invoke("calibrate", TINY, "--data", folders["calib"], "-o", tmp_path / "c.safetensors", *args))

@@ -6,12 +6,14 @@ and in SNN files (`to_dict`), so a file says exactly what was chosen and what ra
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..config import (DEFAULT_BINS, DEFAULT_ENCODING_LEVELS, DEFAULT_METHOD, DEFAULT_POPULATION_BUDGET,
-                      DEFAULT_RECON_STEPS, DEFAULT_THRESHOLD, check_bins, check_encoding_levels,
-                      check_population_budget, check_recon_steps, check_time_step_list)
+                      DEFAULT_RECON_DROP, DEFAULT_RECON_STEPS, DEFAULT_THRESHOLD, check_bins,
+                      check_encoding_levels, check_population_budget, check_recon_drop, check_recon_steps,
+                      check_time_step_list)
 from ..errors import ConfigError
 from ..observe.thresholds import ThresholdSpec
 from .methods import CALIBRATIONS
@@ -43,6 +45,8 @@ class CalibrationConfig:
     bins: int = DEFAULT_BINS
     #: Adam steps per block of `recon` (read by the methods that name it in their options only)
     recon_steps: int = DEFAULT_RECON_STEPS
+    #: QDrop's probability in `recon` (likewise)
+    recon_drop: float = DEFAULT_RECON_DROP
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -56,6 +60,10 @@ class CalibrationConfig:
         if self.recon_steps != DEFAULT_RECON_STEPS and not self.reads("recon_steps"):
             raise ConfigError(f"recon steps are an option of the recon method, not of {self.method}",
                               "drop --recon-steps, or pass --calibration recon")
+        set_(self, "recon_drop", check_recon_drop(self.recon_drop))
+        if self.recon_drop != DEFAULT_RECON_DROP and not self.reads("recon_drop"):
+            raise ConfigError(f"the recon drop probability is an option of the recon method, not of {self.method}",
+                              "drop --recon-drop, or pass --calibration recon")
         if method.check:
             method.check(self)
 
@@ -86,14 +94,18 @@ class CalibrationConfig:
             "version": self.VERSION, "time_steps": list(self.time_steps), "threshold": str(self.threshold),
             "method": self.method, "encoding_levels": self.encoding_levels,
             "population_budget": self.population_budget, "bins": self.bins, "recon_steps": self.recon_steps,
+            "recon_drop": self.recon_drop,
             "plan": {str(T): str(step) for T, step in self.plan.items()},
         }
 
     @classmethod
-    def from_dict(cls, d: Any) -> "CalibrationConfig":
-        """Read a config a file holds (ConfigError naming what is wrong); `plan` is derived, not read."""
+    def from_dict(cls, d: Any, provenance: dict[str, Any] | None = None) -> "CalibrationConfig":
+        """Read a config a file holds (ConfigError naming what is wrong); `plan` is derived, not read.
+
+        A config without `recon_drop` was written before it was an option: what `recon` dropped then is what
+        the file's `provenance` records (since QDrop, 2026-12-02), else nothing."""
         keys = {"version", "time_steps", "threshold", "method", "encoding_levels", "population_budget", "bins",
-                "recon_steps", "plan"}
+                "recon_steps", "recon_drop", "plan"}
         if not isinstance(d, dict) or not {"time_steps", "threshold", "method"} <= set(d) <= keys:
             raise ConfigError("the calibration config is malformed", "expected the keys of CalibrationConfig")
         if d.get("version", cls.VERSION) != cls.VERSION:
@@ -101,6 +113,10 @@ class CalibrationConfig:
                               "upgrade pconv")
         if not isinstance(d["threshold"], str):
             raise ConfigError("the calibration config's threshold is not text", "for example \"max\"")
-        fields = {k: d[k] for k in ("encoding_levels", "population_budget", "bins", "recon_steps") if k in d}
-        return cls(time_steps=tuple(d["time_steps"]) if isinstance(d["time_steps"], list) else d["time_steps"],
-                   threshold=d["threshold"], method=d["method"], **fields)
+        fields = {k: d[k] for k in ("encoding_levels", "population_budget", "bins", "recon_steps", "recon_drop")
+                  if k in d}
+        config = cls(time_steps=tuple(d["time_steps"]) if isinstance(d["time_steps"], list) else d["time_steps"],
+                     threshold=d["threshold"], method=d["method"], **fields)
+        if "recon_drop" not in d and config.reads("recon_drop"):
+            config = dataclasses.replace(config, recon_drop=(provenance or {}).get("recon_drop", 0.0))
+        return config

@@ -14,10 +14,10 @@ gradients straight through (QCFSMode.STE); the threshold moves on a log scale an
 the threshold, so one learning rate suits every site; each weight tensor's learning rate is in units of its
 own RMS. Labels are never used: the last block's target is the ANN's output.
 
-While a block trains, each activation of its sites takes, with probability DROP, the unrounded value its
-quantizer would round (QDrop, Wei et al., ICLR 2022): the block's weights and thresholds then fit inputs that
-are partly rounded and partly not, and so hold up better against the rounding of the blocks after it than
-weights fitted to fully rounded inputs alone. The draws come from each image's generator (sampling.py), so
+While a block trains, each activation of its sites takes, with probability `recon_drop` (default 0.5), the
+unrounded value its quantizer would round (QDrop, Wei et al., ICLR 2022): the block's weights and thresholds
+then fit inputs that are partly rounded and partly not, and so hold up better against the rounding of the
+blocks after it than weights fitted to fully rounded inputs alone. The draws come from each image's generator (sampling.py), so
 they too are the same however the images are batched or sharded. The block's error before and after
 training is measured without dropping.
 
@@ -39,7 +39,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..config import DEFAULT_RECON_STEPS
+from ..config import DEFAULT_RECON_DROP, DEFAULT_RECON_STEPS
 from ..data.batches import ImageBatches
 from ..nn import functional as PF
 from ..nn.qcfs import QCFS, QCFSMode
@@ -57,10 +57,6 @@ BATCH = 32
 LR_THETA = 1e-2
 LR_SHIFT = 2e-3
 LR_WEIGHT = 1e-3
-#: QDrop's probability that an activation of the training block's sites is passed unrounded (QDrop's 0.5;
-#: measured on ResNet-20 with the default populations against no dropping: KL(ANN || SNN) 0.240 / 0.096
-#: against 0.321 / 0.090 at T = 4 / 8; a little worse on the small unseen CNNs, docs/accuracy.md).
-DROP = 0.5
 
 
 class _Stop(Exception):
@@ -349,9 +345,9 @@ def _output(qnet: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Bloc
 
 
 @contextlib.contextmanager
-def _dropping(sites: list[QCFS], keys: list[bytes], salt: str) -> Iterator[None]:
+def _dropping(sites: list[QCFS], keys: list[bytes], salt: str, drop: float) -> Iterator[None]:
     """While open, each site's output (a batch of the images `keys`, in order) takes the unrounded value
-    (PF.qcfs_relaxed) where the image's own uniform draws fall below DROP: each image's generator is seeded by
+    (PF.qcfs_relaxed) where the image's own uniform draws fall below `drop`: each image's generator is seeded by
     its key and `salt` and read site after site in execution order, so an image's draws do not depend on the
     images batched with it."""
     generators = [image_generator(key, salt) for key in keys]
@@ -360,9 +356,9 @@ def _dropping(sites: list[QCFS], keys: list[bytes], salt: str) -> Iterator[None]
         x = inputs[0]
         draws = torch.stack([torch.rand(out.shape[1:], generator=g) for g in generators]).to(out.device)
         relaxed = PF.qcfs_relaxed(x, site.theta, site.delta_in, site.delta_out, site.resolution)
-        return torch.where(draws < DROP, relaxed.to(out.dtype), out)
+        return torch.where(draws < drop, relaxed.to(out.dtype), out)
 
-    handles = [site.register_forward_hook(mix) for site in sites] if DROP > 0 else []
+    handles = [site.register_forward_hook(mix) for site in sites] if drop > 0 else []
     try:
         yield
     finally:
@@ -386,7 +382,7 @@ def _block_error(qnet: nn.Module, pair: tuple[Block, Block], after: tuple[Block,
 
 
 def _train(qnet: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Block] | None, inputs: _Inputs,
-           steps: int, share: float, before: float, tick) -> float:
+           steps: int, drop: float, share: float, before: float, tick) -> float:
     """Adam on the block's parameters for `steps` steps; the block's error over every image afterwards. A block
     the descent left worse than `before` gets its earlier values back, and keeps `before`."""
     learn = _Learnable(pair[0], steps)
@@ -400,7 +396,8 @@ def _train(qnet: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Block
         learn.apply()
         if len(index):
             x_q, target = inputs.take(index)
-            with _dropping(pair[0].sites, [inputs.keys[i] for i in index.tolist()], f"recon-drop:{pair[0].name}:{step}"):
+            keys = [inputs.keys[i] for i in index.tolist()]
+            with _dropping(pair[0].sites, keys, f"recon-drop:{pair[0].name}:{step}", drop):
                 out = _output(qnet, pair, after, x_q, inputs.image_shape)
             loss = (out - target).pow(2).sum() / (count * target[0].numel())
             loss.backward()
@@ -416,7 +413,7 @@ def _train(qnet: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Block
 
 
 def reconstruct_blocks(qnet: nn.Module, ann: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatches,
-                       steps: int, budget: int, progress: Progress) -> dict[str, Any]:
+                       steps: int, drop: float, budget: int, progress: Progress) -> dict[str, Any]:
     """Reconstruct every block of `qnet` against `ann` (a copy of it whose sites compute the ANN's activation)."""
     example = next(iter(batches)).to(next(qnet.parameters()).device)
     blocks = find_blocks(qnet, modules, example)
@@ -436,11 +433,11 @@ def reconstruct_blocks(qnet: nn.Module, ann: nn.Module, modules: Mapping[str, QC
         block = pair[0]
         inputs.begin(pair, after)
         before = _block_error(qnet, pair, after, inputs)
-        error = _train(qnet, pair, after, inputs, steps, share, before, tick) if steps else before
+        error = _train(qnet, pair, after, inputs, steps, drop, share, before, tick) if steps else before
         errors.append((block.name, before, error))
         inputs.advance(pair)
     levels = str(next(iter(modules.values())).levels)
-    return {"recon_blocks": len(blocks), "recon_steps": steps, "recon_drop": DROP,
+    return {"recon_blocks": len(blocks), "recon_steps": steps, "recon_drop": drop,
             "recon_schedule": "inputs kept" if keep else "inputs recomputed",
             # per T, each block's mean squared error before and after (after = before: left as fit set it)
             "recon_error": {levels: {name: [float(f"{b:.6g}"), float(f"{a:.6g}")] for name, b, a in errors}}}
@@ -482,11 +479,12 @@ def _copy_detached(model: nn.Module) -> nn.Module:
     return twin
 
 
-@calibration_method("recon", options=("recon_steps",))
+@calibration_method("recon", options=("recon_steps", "recon_drop"))
 def reconstruct(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatches, budget: int,
-                progress: Progress, recon_steps: int = DEFAULT_RECON_STEPS) -> dict[str, Any]:
+                progress: Progress, recon_steps: int = DEFAULT_RECON_STEPS,
+                recon_drop: float = DEFAULT_RECON_DROP) -> dict[str, Any]:
     """`fit`, then each block's thresholds, shifts and weights tuned to reproduce the ANN's block output."""
     ann = ann_twin(model, modules)  # before fit: fit changes only the sites, which the twin does not use
     notes = fit_sites(model, modules, batches, budget, progress)
-    notes.update(reconstruct_blocks(model, ann, modules, batches, recon_steps, budget, progress))
+    notes.update(reconstruct_blocks(model, ann, modules, batches, recon_steps, recon_drop, budget, progress))
     return notes

@@ -10,8 +10,8 @@ from typing import Any, Callable
 import click
 
 from ..calibration import CALIBRATIONS
-from ..config import (DEFAULT_ENCODING_LEVELS, DEFAULT_METHOD, DEFAULT_POPULATION_BUDGET, DEFAULT_RECON_STEPS,
-                      DEFAULT_THRESHOLD, MAX_RECON_STEPS, MAX_TIME_STEPS, check_time_steps)
+from ..config import (DEFAULT_ENCODING_LEVELS, DEFAULT_METHOD, DEFAULT_POPULATION_BUDGET, DEFAULT_RECON_DROP,
+                      DEFAULT_RECON_STEPS, DEFAULT_THRESHOLD, MAX_RECON_STEPS, MAX_TIME_STEPS, check_time_steps)
 from ..data.config import CROP_MODES, INTERPOLATIONS
 from ..errors import ConfigError
 from ..nn.neurons import ENGINES, NEURONS
@@ -252,7 +252,8 @@ class MemorySize(click.ParamType):
 
 
 def calibration_options(f: Callable) -> Callable:
-    """--threshold, --calibration, --recon-steps, --encoding-levels, --population-budget and --memory-budget."""
+    """--threshold, --calibration, --recon-steps, --recon-drop, --encoding-levels, --population-budget and
+    --memory-budget."""
     f = click.option("--memory-budget", type=MemorySize(), default=None,
                      help="Most memory calibration holds beyond the model and one batch, e.g. 4GiB [default: a "
                           f"fifth of this machine's memory, {default_budget() / GiB:.1f} GiB]; past it pconv "
@@ -260,6 +261,10 @@ def calibration_options(f: Callable) -> Callable:
     f = click.option("--recon-steps", type=click.IntRange(0, MAX_RECON_STEPS), default=None,
                      help=f"Adam steps per block of --calibration recon [default: {DEFAULT_RECON_STEPS}]; more "
                           "steps, closer to the ANN and longer to calibrate.")(f)
+    f = click.option("--recon-drop", type=click.FloatRange(0.0, 1.0), default=None,
+                     help=f"Probability that --calibration recon passes an activation of the block it trains "
+                          f"unrounded (QDrop) [default: {DEFAULT_RECON_DROP}]; 0: every block trains on rounded "
+                          "activations only.")(f)
     f = click.option("--population-budget", type=click.FloatRange(0.0, 100.0), default=DEFAULT_POPULATION_BUDGET,
                      show_default=True,
                      help="Also population-code the hidden sites whose quantization costs the most accuracy per "
@@ -277,7 +282,7 @@ def calibration_options(f: Callable) -> Callable:
 
 #: The parameter names calibration_options adds (convert refuses them with --calib).
 CALIBRATION_PARAMETERS = ["threshold", "method", "encoding_levels", "population_budget", "recon_steps",
-                          "memory_budget"]
+                          "recon_drop", "memory_budget"]
 
 
 def neuron_option(default: str | None, help: str) -> Callable[[Callable], Callable]:

@@ -41,7 +41,7 @@ from ._output import (MEMORY_KEYS, Output, encoding_summary, human_bytes, key_va
 @debug_option
 def calibrate(choice: ModelChoice, data: Path, output: Path, time_steps: list[int], num_images: int | None,
               batch_size: int, seed: int, workers: int, threshold: str, method: str, encoding_levels: int,
-              population_budget: float, recon_steps: int | None,
+              population_budget: float, recon_steps: int | None, recon_drop: float | None,
               memory_budget: int | None, overrides: dict, use_train_size: bool, device: str,
               force: bool, as_json: bool) -> None:
     """Record thresholds and calibration statistics of MODEL on the images in --data.
@@ -50,7 +50,8 @@ def calibrate(choice: ModelChoice, data: Path, output: Path, time_steps: list[in
     re-run without the data.
     """
     out = Output(as_json)
-    config = calibration_config(time_steps, threshold, method, encoding_levels, population_budget, recon_steps)
+    config = calibration_config(time_steps, threshold, method, encoding_levels, population_budget, recon_steps,
+                                recon_drop)
     check_output(output, force)  # fail before the expensive part
     started = time.perf_counter()
     dev = resolve_device(device)

@@ -50,7 +50,7 @@ CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", *CALIBRATI
 def convert(ctx: click.Context, choice: ModelChoice, calib: Path | None, data: Path | None, output: Path,
             time_steps: int | None, neuron: str, num_images: int | None, batch_size: int, seed: int, workers: int,
             threshold: str, method: str, encoding_levels: int, population_budget: float, recon_steps: int | None,
-            memory_budget: int | None,
+            recon_drop: float | None, memory_budget: int | None,
             overrides: dict, use_train_size: bool, device: str, force: bool, as_json: bool) -> None:
     """Convert MODEL into a spiking network with T time steps and write it to one safetensors file.
 
@@ -64,7 +64,7 @@ def convert(ctx: click.Context, choice: ModelChoice, calib: Path | None, data: P
     out = Output(as_json)
     if data is not None:
         config = calibration_config([time_steps or DEFAULT_T], threshold, method, encoding_levels, population_budget,
-                                    recon_steps)
+                                    recon_steps, recon_drop)
     check_output(output, force)
     started = time.perf_counter()
     dev = resolve_device(device)

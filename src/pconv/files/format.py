@@ -171,16 +171,17 @@ class FileMetadata:
         kind = read.text("pconv.kind", choices=KINDS)
         steps = (read.count("time_steps", 1, MAX_STEPS),) if kind == "snn" else read.steps("time_steps")
         sites = read.sites("sites")
+        provenance = read.json_object("provenance")
         return cls(
             kind=kind, time_steps=steps, sites=sites,
             threshold=read.name("threshold"), method=read.name("calibration"),
             model=read.model("model"), data_config=read.data_config("data_config"),
-            provenance=read.json_object("provenance"),
+            provenance=provenance,
             encoding_levels=read.count("encoding_levels", 0, MAX_STEPS, default=0),
             populated=read.populated("populated", kind, steps, sites),
             neuron=read.name("neuron") if kind == "snn" else None,
             num_classes=read.count("num_classes", 1, 10**7, default=None),
-            config=read.config("config"),
+            config=read.config("config", provenance),
             format_version=int(meta["pconv.format_version"]),
             pconv_version=read.name("pconv.version", default="?"),
             created=meta.get("created", ""),
@@ -280,12 +281,12 @@ class _Reader:
         except ConfigError as e:
             raise self.fail(key, f"is invalid: {e.message}") from None
 
-    def config(self, key: str) -> CalibrationConfig | None:
+    def config(self, key: str, provenance: dict[str, Any]) -> CalibrationConfig | None:
         value = self.json(key, None)
         if value is None:
             return None
         try:
-            return CalibrationConfig.from_dict(value)
+            return CalibrationConfig.from_dict(value, provenance)
         except ConfigError as e:
             raise self.fail(key, f"is invalid: {e.message}") from None
 
