@@ -45,8 +45,8 @@ def calibrate(model: nn.Module, data: Tensor | Iterable, config: CalibrationConf
 
     The choices come as a CalibrationConfig or as its fields (`time_steps`, `threshold`, `method`,
     `encoding_levels`, `population_budget`, `bins`, `recon_steps`, `recon_drop`). `memory_budget` (bytes, or e.g.
-    "4GiB"; default utils.memory.default_budget()) bounds what calibration holds beyond the model and one batch; every image
-    is used whatever their number."""
+    "4GiB"; default utils.memory.default_budget()) bounds what calibration holds beyond the model and one batch;
+    every image is used whatever their number."""
     config = _config(config, choices)
     budget = default_budget() if memory_budget is None else parse_budget(memory_budget)
     started = time.perf_counter()

@@ -17,8 +17,8 @@ own RMS. Labels are never used: the last block's target is the ANN's output.
 While a block trains, each activation of its sites takes, with probability `recon_drop` (default 0.5), the
 unrounded value its quantizer would round (QDrop, Wei et al., ICLR 2022): the block's weights and thresholds
 then fit inputs that are partly rounded and partly not, and so hold up better against the rounding of the
-blocks after it than weights fitted to fully rounded inputs alone. The draws come from each image's generator (sampling.py), so
-they too are the same however the images are batched or sharded. The block's error before and after
+blocks after it than weights fitted to fully rounded inputs alone. The draws come from each image's
+generator (sampling.py), so they too are the same however the images are batched or sharded. The block's error before and after
 training is measured without dropping.
 
 Each step uses the images whose content-seeded draw (sampling.py) falls below BATCH / N, the same images
