@@ -9,8 +9,9 @@ import nets
 import pconv
 
 
-def snn_file_with_metadata(tmp_path, key: str, value: str):
-    """A small SNN file whose metadata entry `key` is replaced by `value` (tensors untouched)."""
+def snn_file_with_metadata(tmp_path, key: str, value: str, also: dict[str, str] | None = None):
+    """A small SNN file whose metadata entry `key` is replaced by `value`, and those of `also` by theirs
+    (tensors untouched)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -22,6 +23,7 @@ def snn_file_with_metadata(tmp_path, key: str, value: str):
         meta = dict(f.metadata())
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     meta[key] = value
+    meta.update(also or {})
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
     return bad

@@ -184,7 +184,7 @@ def build_snn(model: nn.Module, calibration: Calibration, time_steps: int, neuro
         time_steps=time_steps, neuron=neuron, sites=list(calibration.sites), threshold=str(step.threshold),
         method=step.method, source=calibration.source, data_config=dict(calibration.data_config),
         provenance=dict(calibration.provenance), encoding_levels=calibration.encoding_levels,
-        populated=list(calibration.populated.get(time_steps, [])), num_classes=_num_outputs(net, calibration),
+        populated=dict(calibration.populated.get(time_steps, {})), num_classes=_num_outputs(net, calibration),
         config=calibration.config.to_dict(),
     )
     snn = spiking_network(net, info, params)

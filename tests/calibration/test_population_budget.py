@@ -15,7 +15,7 @@ import nets
 import pconv
 from pconv.nn import functional as PF
 from pconv.errors import ConfigError
-from pconv.calibration.population import choose_populated, site_sensitivity
+from pconv.calibration.population import choose_populated, population_choices, site_sensitivity
 from pconv.observe.sites import Site, find_sites
 from test_pipeline import qcfs_network
 from crafted import assert_refused, snn_file_with_metadata
@@ -25,23 +25,37 @@ def _site(name: str, encoding: bool = False) -> Site:
     return Site(name, "relu", 4, 4, None, encoding)
 
 
-def test_choice_is_the_best_gain_per_neuron_within_the_budget():
+def test_population_choices_are_the_geometric_sizes_up_to_the_largest():
+    assert population_choices(1) == [1]
+    assert population_choices(4) == [1, 2, 3, 4]
+    assert population_choices(16) == [1, 2, 3, 4, 6, 8, 12, 16]
+    assert population_choices(22) == [1, 2, 3, 4, 6, 8, 12, 16, 22]
+
+
+def test_choice_takes_the_best_gain_per_added_neuron_step_by_step_within_the_budget():
     sites = [_site("stem", encoding=True), _site("a"), _site("b"), _site("c"), _site("d")]
     neurons = {"stem": 100, "a": 100, "b": 400, "c": 100, "d": 300}  # 1,000 neurons in all
-    T, m = 8, 4  # each chosen site costs 3 x its neurons
-    levels = m * T
-    sens = {("stem", T): 9.0, ("stem", levels): 0.0,  # encoding: already a population, never chosen
-            ("a", T): 3.0, ("a", levels): 0.0,        # gain per added neuron 0.0100
-            ("b", T): 6.0, ("b", levels): 0.0,        # 0.0050
-            ("c", T): 1.2, ("c", levels): 0.0,        # 0.0040
-            ("d", T): 0.5, ("d", levels): 0.6}        # no gain: never chosen
-    assert choose_populated(sites, sens, neurons, T, m, budget=0.0) == []
-    assert choose_populated(sites, sens, neurons, T, m, budget=0.29) == []     # 290 < 300 for a
-    assert choose_populated(sites, sens, neurons, T, m, budget=0.3) == ["a"]
-    assert choose_populated(sites, sens, neurons, T, m, budget=0.7) == ["a", "c"]  # b (1,200) does not fit
-    assert choose_populated(sites, sens, neurons, T, m, budget=1.5) == ["a", "b"]  # greedy: b before c
-    assert choose_populated(sites, sens, neurons, T, m, budget=10.0) == ["a", "b", "c"]
-    assert choose_populated(sites, sens, neurons, T, 1, budget=10.0) == []  # no population at this T
+    T, largest = 8, 4  # m = 1, 2, 3, 4: 8, 16, 24, 32 levels
+    sens = {}
+    for name, at in {"stem": (9.0, 0.0, 0.0, 0.0),   # encoding: already a population, never chosen
+                     "a": (3.0, 0.75, 0.33, 0.19),   # per added neuron: 1->2 0.0225, then 2->3 0.0042
+                     "b": (6.0, 1.5, 0.67, 0.375),   # 1->2 0.01125 (400 neurons), 2->3 0.0021
+                     "c": (1.2, 0.3, 0.13, 0.075),   # 1->2 0.009, 2->3 0.0017
+                     "d": (0.5, 0.6, 0.6, 0.6)}.items():  # no gain: never chosen
+        sens.update({(name, m * T): s for m, s in zip((1, 2, 3, 4), at)})
+
+    def choose(budget, top=largest):
+        return choose_populated(sites, sens, neurons, T, top, budget)
+
+    assert choose(0.0) == {}
+    assert choose(0.09) == {}  # a's first step needs 100 neurons
+    assert choose(0.1) == {"a": 2}
+    assert choose(0.3) == {"a": 3, "c": 2}  # b's step does not fit; a deepens once c has its first neuron
+    assert choose(0.6) == {"a": 2, "b": 2, "c": 2}  # b (0.01125) before c (0.009); then a's next step is 700
+    assert choose(0.7) == {"a": 3, "b": 2, "c": 2}
+    assert choose(10.0) == {"a": 4, "b": 4, "c": 4}  # every gaining step, never beyond the largest size
+    assert choose(10.0, top=2) == {"a": 2, "b": 2, "c": 2}
+    assert choose(10.0, top=1) == {}  # no population at this T
 
 
 class _Tiny(nn.Module):
@@ -101,11 +115,13 @@ def test_a_budget_population_codes_hidden_sites_in_every_engine_and_file(tmp_pat
     chosen = calibration.populated[16]
     assert chosen and "features.2" not in chosen  # the encoding site is a population anyway
     assert 64 not in calibration.populated  # at T >= 64 levels there is no population to give
-    assert calibration.populations(16)[chosen[0]] == 4 and calibration.provenance["population_budget"] == 1.0
+    assert all(2 <= m <= 4 for m in chosen.values()) and calibration.provenance["population_budget"] == 1.0
+    name = next(iter(chosen))
+    assert calibration.populations(16)[name] == chosen[name]
     again = pconv.load_calibration(pconv.save_calibration(calibration, tmp_path / "c.safetensors"))
     assert again.populated == calibration.populated
     snn = pconv.convert(model, again, time_steps=16)
-    assert snn.info.populated == chosen and snn.neurons()[chosen[0]].population == 4
+    assert snn.info.populated == chosen and snn.neurons()[name].population == chosen[name]
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         counts = snn(x)
@@ -127,6 +143,22 @@ def test_no_budget_changes_nothing_and_bad_budgets_are_refused():
             pconv.calibrate(model, images, time_steps=[4], population_budget=bad)
 
 
-@pytest.mark.parametrize("entry", ['["no_such_site"]', "{not json", '{"4": "features.5"}', '["features.5", 3]'])
+@pytest.mark.parametrize("entry", ['["features.6"]', "{not json", '{"4": 2}', '{"no_such_site": 2}',
+                                   '{"features.2": 2}', '{"features.6": 1}', '{"features.6": 17}',
+                                   '{"features.6": true}', '{"features.6": 2.0}'])
 def test_a_corrupt_populated_entry_is_refused(tmp_path, entry):
+    # a version-5 SNN file at T=4: hidden sites only (features.2 encodes the image), 2 to 16 neurons each
     assert_refused(snn_file_with_metadata(tmp_path, "populated", entry), "populated")
+
+
+def test_a_version_4_list_gives_each_listed_site_the_encoding_population(tmp_path):
+    for folder in ("v4", "v4map", "v5"):
+        (tmp_path / folder).mkdir()
+    old = snn_file_with_metadata(tmp_path / "v4", "populated", '["features.6"]', {"pconv.format_version": "4"})
+    snn = pconv.load(old, trust_factory=True)
+    assert snn.info.populated == {"features.6": 16} and snn.neurons()["features.6"].population == 16
+    assert_refused(snn_file_with_metadata(tmp_path / "v4map", "populated", '{"features.6": 2}',
+                                          {"pconv.format_version": "4"}),
+                   "populated")
+    given = pconv.load(snn_file_with_metadata(tmp_path / "v5", "populated", '{"features.6": 3}'), trust_factory=True)
+    assert given.neurons()["features.6"].population == 3 and given.neurons()["features.9"].population == 1

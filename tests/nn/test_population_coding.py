@@ -112,7 +112,7 @@ def test_only_the_sites_that_see_the_image_encode():
     first = sites[0].name
     assert [populations(sites, T, 64)[first] for T in (4, 8, 16, 32, 64, 100)] == [16, 8, 4, 2, 1, 1]
     assert populations(sites, 8, 0)[first] == 1 and populations(sites, 8, 64)[sites[1].name] == 1
-    assert populations(sites, 8, 64, chosen=[sites[1].name])[sites[1].name] == 8  # a hidden site the budget chose
+    assert populations(sites, 8, 64, chosen={sites[1].name: 3})[sites[1].name] == 3  # a hidden site the budget chose
 
 
 def test_encoding_levels_zero_is_one_neuron_everywhere_and_bad_levels_are_refused():

@@ -1,4 +1,5 @@
-"""Which hidden sites to population-code: a label-free sensitivity estimate and a neuron budget.
+"""Which hidden sites to population-code, with how many neurons each: a label-free sensitivity estimate and a
+neuron budget.
 
 Quantizing site s with L levels changes the ANN's output. To first order, the log-probability of the
 class the ANN itself predicts moves by
@@ -11,9 +12,12 @@ maxima. Its mean square over all the calibration images, S_s(L) = E[d_s(L)^2], i
 same Fisher-weighted error the expected KL divergence between ANN and quantized network grows with. The
 ANN's own prediction stands in for a label, so no label is needed.
 
-A population of m neurons per channel gives a site m*T levels. Coding site s that way gains
-S_s(T) - S_s(m*T) for (m - 1) * neurons_s more neurons. `choose_populated` takes the sites with the
-largest gain per added neuron until the extra neurons would exceed `budget` times the network's neurons.
+A population of m neurons per channel gives a site m*T levels, for (m - 1) * neurons_s more neurons. Each
+site's m is one of `population_choices` (1, 2, 3, 4, 6, 8, ... up to the encoding sites' ceil(levels/T)).
+`choose_populated` starts every hidden site at m = 1 and repeatedly takes the one step, over every site and
+every larger m, that gains the most S per added neuron, while the added neurons stay within `budget` times
+the network's neurons. Since S falls about as 1/L^2, the first extra neuron of a site gains the most per
+neuron (3/4 of its S at m = 2), so the budget spreads over many sites at small m before it deepens any.
 """
 
 from __future__ import annotations
@@ -115,44 +119,58 @@ def site_sensitivity(model: nn.Module, sites: Sequence[Site], channel_max: Mappi
     return sensitivity, estimate.neurons
 
 
+def population_choices(largest: int) -> list[int]:
+    """The neurons per channel a hidden site may get: 1, 2, 3, 4, 6, 8, 12, ... (2^k and 3 * 2^k) below
+    `largest`, and `largest` itself. A geometric set keeps the sensitivity pass to a few resolutions per T
+    (every m up to 64 at T=1 would be 64 of them) while the steps that matter most, the first few, are all there."""
+    sizes, k = {1, largest}, 1
+    while k < largest:
+        sizes.update(m for m in (k, 3 * k // 2) if m < largest)
+        k *= 2
+    return sorted(sizes)
+
+
 def choose_populated(sites: Sequence[Site], sensitivity: Mapping[tuple[str, int], float],
-                     neurons: Mapping[str, int], time_steps: int, population: int, budget: float) -> list[str]:
-    """The hidden (non-encoding) sites to give `population` neurons per channel at T, best gain per added
-    neuron first, while the added neurons stay within `budget` times the network's neurons."""
-    if population <= 1 or budget <= 0:
-        return []
+                     neurons: Mapping[str, int], time_steps: int, largest: int, budget: float) -> dict[str, int]:
+    """{hidden site: neurons per channel > 1} at T, each at most `largest`: repeatedly the step (a site, a
+    larger m among population_choices) with the best gain in sensitivity per added neuron, while the added
+    neurons stay within `budget` times the network's neurons. Ties go to the earlier site, then the smaller m."""
+    if largest <= 1 or budget <= 0:
+        return {}
     allowed = budget * sum(neurons[s.name] for s in sites)
-    levels = population * time_steps
-    ranked = []
-    for site in sites:
-        if site.encoding:
-            continue
-        gain = sensitivity[(site.name, time_steps)] - sensitivity[(site.name, levels)]
-        cost = (population - 1) * neurons[site.name]
-        if gain > 0:
-            ranked.append((gain / cost, site.name, cost))
-    ranked.sort(key=lambda r: (-r[0], r[1]))
-    chosen, used = [], 0
-    for _, name, cost in ranked:
-        if used + cost <= allowed:
-            chosen.append(name)
-            used += cost
-    order = {s.name: i for i, s in enumerate(sites)}
-    return sorted(chosen, key=order.get)
+    choices = population_choices(largest)
+    size = {s.name: 1 for s in sites if not s.encoding}
+    used = 0
+    while True:
+        best = None  # (gain per neuron, site, m, added neurons)
+        for name, current in size.items():
+            for m in choices:
+                added = (m - current) * neurons[name]
+                if m <= current or used + added > allowed:
+                    continue
+                gain = sensitivity[(name, current * time_steps)] - sensitivity[(name, m * time_steps)]
+                if gain > 0 and (best is None or gain / added > best[0]):
+                    best = (gain / added, name, m, added)
+        if best is None:
+            break
+        _, name, m, added = best
+        size[name] = m
+        used += added
+    return {name: m for name, m in size.items() if m > 1}
 
 
 def choose_population(model: nn.Module, sites: list[Site], channel_max: Mapping[str, Tensor], batches: ImageBatches,
                       steps: Sequence[int], encoding_levels: int, budget: float, memory_budget: int,
-                      progress: Progress) -> dict[int, list[str]]:
-    """Per T, the hidden sites to population-code within the neuron `budget` (none when it is 0), from one
+                      progress: Progress) -> dict[int, dict[str, int]]:
+    """Per T, {hidden site: neurons per channel} within the neuron `budget` (none when it is 0), from one
     sensitivity pass over every image; `model` is the ANN."""
     size = {T: population_size(T, encoding_levels) for T in steps}
     wanted = [T for T in steps if size[T] > 1]
     if budget <= 0 or not wanted:
         return {}
-    resolutions = sorted({L for T in wanted for L in (T, size[T] * T)})
+    resolutions = sorted({m * T for T in wanted for m in population_choices(size[T])})
     ticks = progress.stage("measuring site sensitivity", len(batches))
     sensitivity, neurons = site_sensitivity(model, sites, channel_max, batches, resolutions,
                                             max(memory_budget - batches.held_bytes, 0), ticks)
     chosen = {T: choose_populated(sites, sensitivity, neurons, T, size[T], budget) for T in wanted}
-    return {T: names for T, names in chosen.items() if names}
+    return {T: sizes for T, sizes in chosen.items() if sizes}

@@ -35,8 +35,9 @@ class Calibration:
     provenance: dict[str, Any] = field(default_factory=dict)
     #: per T, the state-dict entries a method replaced or added (layer refits): {T: {key: tensor}}
     weights: dict[int, dict[str, Tensor]] = field(default_factory=dict)
-    #: per T, the hidden sites also population-coded (chosen by sensitivity under a neuron budget)
-    populated: dict[int, list[str]] = field(default_factory=dict)
+    #: per T, the hidden sites also population-coded and their neurons per channel (chosen by sensitivity
+    #: under a neuron budget): {T: {site: m}}
+    populated: dict[int, dict[str, int]] = field(default_factory=dict)
 
     @property
     def time_steps(self) -> list[int]:
@@ -60,7 +61,7 @@ class Calibration:
 
     def populations(self, time_steps: int) -> dict[str, int]:
         """Neurons per channel of every site at T."""
-        return populations(self.sites, time_steps, self.encoding_levels, self.populated.get(time_steps, ()))
+        return populations(self.sites, time_steps, self.encoding_levels, self.populated.get(time_steps))
 
 
 def changed_weights(original: nn.Module, calibrated: nn.Module, sites: list[Site]) -> dict[str, Tensor]:

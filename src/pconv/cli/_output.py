@@ -150,15 +150,18 @@ def encoding_summary(sites: list[Site], time_steps: list[int], encoding_levels: 
 
 
 def population_summary(calibration: Calibration, time_steps: list[int]) -> str:
-    """One line: the hidden sites population-coded at each T (chosen under --population-budget)."""
+    """One line: the hidden sites population-coded at each T (chosen under --population-budget), counted by
+    their neurons per channel, named in network order."""
     parts = []
     for T in time_steps:
-        names = calibration.populated.get(T, [])
-        if names:
-            m = calibration.populations(T)[names[0]]
+        sizes = calibration.populated.get(T, {})
+        if sizes:
+            by_size = {m: [n for n, k in sizes.items() if k == m] for m in sorted(set(sizes.values()))}
+            counts = ", ".join(f"{len(names)} × {m}" for m, names in by_size.items())
+            names = list(sizes)
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             sites = "1 site" if len(names) == 1 else f"{len(names)} sites"
-            parts.append(f"T={T}: {sites} × {m} neurons per channel ({shown})")
+            parts.append(f"T={T}: {sites} ({counts} neurons per channel: {shown})")
     return "; ".join(parts) or "none"
 
 

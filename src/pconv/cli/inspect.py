@@ -57,7 +57,7 @@ def describe(path: Path, thresholds: bool = True) -> dict[str, Any]:
         "bytes": header.file_size,
         "weight_bytes": sum(t["data_offsets"][1] - t["data_offsets"][0] for n, t in header.tensors.items()
                             if n.startswith("weights.")),
-        "populated": {str(t): list(names) for t, names in meta.populated.items()},
+        "populated": {str(t): dict(sizes) for t, sizes in meta.populated.items()},
     }
     steps = meta.time_steps
     if meta.kind == "snn":
@@ -71,7 +71,7 @@ def describe(path: Path, thresholds: bool = True) -> dict[str, Any]:
     out_sites = []
     for site in meta.sites:
         entry = site.to_dict()
-        population = {str(t): populations([site], t, meta.encoding_levels, meta.populated.get(t, ()))[site.name]
+        population = {str(t): populations([site], t, meta.encoding_levels, meta.populated.get(t))[site.name]
                       for t in steps}
         entry["population"] = population[str(steps[0])] if meta.kind == "snn" else population
         if thresholds and meta.kind == "snn":

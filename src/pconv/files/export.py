@@ -49,7 +49,7 @@ def snn_metadata(info: ConversionInfo) -> FileMetadata:
         kind="snn", time_steps=(info.time_steps,), sites=tuple(info.sites), threshold=info.threshold,
         method=info.method, model=info.source, data_config=dict(info.data_config),
         provenance=dict(info.provenance), encoding_levels=info.encoding_levels,
-        populated={info.time_steps: tuple(info.populated)} if info.populated else {}, neuron=info.neuron,
+        populated={info.time_steps: dict(info.populated)} if info.populated else {}, neuron=info.neuron,
         num_classes=info.num_classes, config=CalibrationConfig.from_dict(info.config) if info.config else None)
 
 
@@ -108,7 +108,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", trust_factory: bo
         time_steps=T, neuron=meta.neuron, sites=list(meta.sites), threshold=meta.threshold,
         method=meta.method, source=meta.model, data_config=dict(meta.data_config),
         provenance=dict(meta.provenance), encoding_levels=meta.encoding_levels,
-        populated=list(meta.populated.get(T, ())), num_classes=meta.num_classes,
+        populated=dict(meta.populated.get(T, {})), num_classes=meta.num_classes,
         config=meta.config.to_dict() if meta.config else None)
     params = {s.name: tuple(tensors[f"neurons.{s.name}.{leaf}"] for leaf in NEURON_TENSORS) for s in meta.sites}
     snn = spiking_network(model, info, params)
@@ -123,7 +123,7 @@ def calibration_metadata(calibration: Calibration) -> FileMetadata:
         threshold=calibration.threshold, method=calibration.method, model=calibration.source,
         data_config=dict(calibration.data_config), provenance=dict(calibration.provenance),
         encoding_levels=calibration.encoding_levels,
-        populated={T: tuple(names) for T, names in calibration.populated.items() if names},
+        populated={T: dict(sizes) for T, sizes in calibration.populated.items() if sizes},
         config=calibration.config)
 
 
@@ -164,7 +164,7 @@ def load_calibration(path: str | Path) -> Calibration:
     channel_max = {s.name: tensors[f"stats.{s.name}.max"] for s in meta.sites if f"stats.{s.name}.max" in tensors}
     return Calibration(sites=list(meta.sites), config=_config_of(meta, path), params=params, channel_max=channel_max,
                        source=meta.model, data_config=dict(meta.data_config), provenance=dict(meta.provenance),
-                       weights=weights, populated={T: list(names) for T, names in meta.populated.items()})
+                       weights=weights, populated={T: dict(sizes) for T, sizes in meta.populated.items()})
 
 
 def _config_of(meta: FileMetadata, path: Path) -> CalibrationConfig:

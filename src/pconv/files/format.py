@@ -8,6 +8,8 @@ Version 3 adds the metadata entry "encoding_levels" and the "encoding" flag of e
 have ceil(encoding_levels/T) neurons per channel, so a version-2 reader would build the wrong network.
 Version 4 adds the metadata entry "populated": the hidden sites population-coded like the encoding sites
 (a list in an SNN file, {T: list} in a calibration file); a version-3 reader would ignore it.
+Version 5 gives each of them its own neurons per channel: "populated" is {site: m} in an SNN file and
+{T: {site: m}} in a calibration file; a version-4 list means m = ceil(encoding_levels/T) for every site in it.
 
 `FileMetadata` is the one description of both kinds: `to_metadata()` writes it, `from_metadata()` reads and
 validates every value (a wrong one is a FormatError naming the field), `read_metadata(path)` reads it
@@ -29,15 +31,16 @@ from ..config import MAX_TIME_STEPS
 from ..data.config import check_data_config
 from ..errors import ConfigError, FormatError, ModelLoadError
 from ..models.source import ModelSource
+from ..nn.population import population_size
 from ..observe.sites import ACTIVATIONS, Site
 from ..version import __version__
 
 FORMAT_NAME = "pconv"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: Versions this pconv reads: version 1 is version 2 without refitted layers; version 2 is version 3
 #: with one neuron per channel everywhere (encoding_levels 0); version 3 is version 4 with no hidden site
-#: population-coded.
-READABLE_VERSIONS = ("1", "2", "3", "4")
+#: population-coded; version 4 is version 5 with the encoding sites' population size at every populated site.
+READABLE_VERSIONS = ("1", "2", "3", "4", "5")
 REFIT_PREFIX = "refit."
 ANN_PREFIX = "ann."
 KINDS = ("snn", "calibration")
@@ -112,7 +115,7 @@ class FileMetadata:
     """What a pconv file (either kind) says about itself.
 
     `time_steps` holds the one T of an SNN file or every T of a calibration file; `populated` maps each T to
-    the hidden sites population-coded at it; `neuron` is set for SNN files only. `threshold` and `method` (the
+    the hidden sites population-coded at it and their neurons per channel; `neuron` is set for SNN files only. `threshold` and `method` (the
     metadata entry `calibration`) are what ran: in an SNN file, at its T (for `auto`, what it resolved to);
     in a calibration file, the configured ones. `config` is the whole configuration (absent in files of
     pconv before it recorded one)."""
@@ -126,7 +129,7 @@ class FileMetadata:
     data_config: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     encoding_levels: int = 0
-    populated: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    populated: dict[int, dict[str, int]] = field(default_factory=dict)
     neuron: str | None = None
     num_classes: int | None = None
     config: CalibrationConfig | None = None
@@ -154,10 +157,10 @@ class FileMetadata:
             (T,) = self.time_steps
             meta["time_steps"] = str(T)
             meta["neuron"] = str(self.neuron)
-            meta["populated"] = json.dumps(list(self.populated.get(T, ())))
+            meta["populated"] = json.dumps(dict(self.populated.get(T, {})))
         else:
             meta["time_steps"] = json.dumps(list(self.time_steps))
-            meta["populated"] = json.dumps({str(t): list(n) for t, n in sorted(self.populated.items()) if n})
+            meta["populated"] = json.dumps({str(t): dict(n) for t, n in sorted(self.populated.items()) if n})
         if self.num_classes is not None:
             meta["num_classes"] = str(self.num_classes)
         if self.config is not None:
@@ -172,13 +175,15 @@ class FileMetadata:
         steps = (read.count("time_steps", 1, MAX_STEPS),) if kind == "snn" else read.steps("time_steps")
         sites = read.sites("sites")
         provenance = read.json_object("provenance")
+        encoding_levels = read.count("encoding_levels", 0, MAX_STEPS, default=0)
         return cls(
             kind=kind, time_steps=steps, sites=sites,
             threshold=read.name("threshold"), method=read.name("calibration"),
             model=read.model("model"), data_config=read.data_config("data_config"),
             provenance=provenance,
-            encoding_levels=read.count("encoding_levels", 0, MAX_STEPS, default=0),
-            populated=read.populated("populated", kind, steps, sites),
+            encoding_levels=encoding_levels,
+            populated=read.populated("populated", kind, steps, sites, encoding_levels,
+                                     int(meta["pconv.format_version"])),
             neuron=read.name("neuron") if kind == "snn" else None,
             num_classes=read.count("num_classes", 1, 10**7, default=None),
             config=read.config("config", provenance),
@@ -296,23 +301,29 @@ class _Reader:
             raise self.fail(key, "is not a JSON object")
         return value
 
-    def populated(self, key: str, kind: str, steps: tuple[int, ...],
-                  sites: tuple[Site, ...]) -> dict[int, tuple[str, ...]]:
+    def populated(self, key: str, kind: str, steps: tuple[int, ...], sites: tuple[Site, ...],
+                  encoding_levels: int, version: int) -> dict[int, dict[str, int]]:
         value = self.json(key, None)
         if value is None:  # absent before format version 4: no hidden site population-coded
             return {}
         if kind == "snn":
             value = {str(steps[0]): value}
-        if not isinstance(value, dict) or any(not isinstance(v, list) for v in value.values()):
+        shape = list if version <= 4 else dict  # version 4 lists the sites, version 5 maps them to m
+        if not isinstance(value, dict) or any(not isinstance(v, shape) for v in value.values()):
             raise self.fail(key, "is malformed")
-        names = {s.name for s in sites}
-        out: dict[int, tuple[str, ...]] = {}
+        hidden = {s.name for s in sites if not s.encoding}
+        out: dict[int, dict[str, int]] = {}
         for step, listed in value.items():
-            if not step.isdigit() or int(step) not in steps or not all(isinstance(n, str) and n in names
+            if not step.isdigit() or int(step) not in steps or not all(isinstance(n, str) and n in hidden
                                                                        for n in listed):
-                raise self.fail(key, f"names a T or site the file does not have ({step!r})")
-            if listed:
-                out[int(step)] = tuple(listed)
+                raise self.fail(key, f"names a T or hidden site the file does not have ({step!r})")
+            largest = population_size(int(step), encoding_levels)
+            sizes = {n: largest for n in listed} if shape is list else listed
+            if any(isinstance(m, bool) or not isinstance(m, int) or not 2 <= m <= largest for m in sizes.values()):
+                raise self.fail(key, f"gives a site at T={step} a population outside 2 to {largest} neurons per "
+                                     "channel")
+            if sizes:
+                out[int(step)] = dict(sizes)
         return out
 
 

@@ -33,8 +33,8 @@ class ConversionInfo:
     provenance: dict[str, Any] = field(default_factory=dict)
     #: encoding sites have ceil(encoding_levels/T) neurons per channel (Site.population); 0: one
     encoding_levels: int = 0
-    #: hidden sites population-coded as the encoding sites are (chosen by sensitivity at calibration)
-    populated: list[str] = field(default_factory=list)
+    #: hidden sites population-coded and their neurons per channel (chosen by sensitivity at calibration)
+    populated: dict[str, int] = field(default_factory=dict)
     #: outputs of the classifier (None: not recorded, files before it was)
     num_classes: int | None = None
     #: the calibration's configuration as JSON (calibration.CalibrationConfig.to_dict), when it is known

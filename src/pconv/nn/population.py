@@ -1,14 +1,14 @@
 """How many neurons each site has: the one rule, read by the calibration, the SNN, the files and inspect.
 
-A population-coded site has m = ceil(encoding_levels / T) neurons per channel (functional.population_count);
-the sites that are population-coded are the encoding sites (no spiking neuron between them and the image)
-and the hidden sites the calibration chose under its neuron budget. Every other site has one. With
-encoding_levels <= T, T alone resolves the levels, and every site has one.
+The encoding sites (no spiking neuron between them and the image) have m = ceil(encoding_levels / T) neurons
+per channel (functional.population_count); with encoding_levels <= T, T alone resolves the levels and they
+have one. The hidden sites the calibration chose under its neuron budget have the m it chose for each (at
+most the encoding sites' m); every other site has one.
 """
 
 from __future__ import annotations
 
-from typing import Collection, Iterable
+from typing import Iterable, Mapping
 
 from ..observe.sites import Site
 
@@ -19,7 +19,8 @@ def population_size(time_steps: int, encoding_levels: int) -> int:
 
 
 def populations(sites: Iterable[Site], time_steps: int, encoding_levels: int,
-                chosen: Collection[str] = ()) -> dict[str, int]:
-    """Neurons per channel of every site at T: population-coded if it encodes the image or is in `chosen`."""
-    size = population_size(time_steps, encoding_levels)
-    return {s.name: size if s.encoding or s.name in chosen else 1 for s in sites}
+                chosen: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Neurons per channel of every site at T: the encoding sites' population size if it encodes the image,
+    its `chosen` size if it is a hidden site the calibration chose, else 1."""
+    size, chosen = population_size(time_steps, encoding_levels), chosen or {}
+    return {s.name: size if s.encoding else chosen.get(s.name, 1) for s in sites}
