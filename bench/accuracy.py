@@ -171,16 +171,20 @@ def plot_frontier(results: list[dict], path: Path) -> None:
 
     models = sorted({r["model"] for r in results}, key=list(MODELS).index)
     methods = sorted({r["method"] for r in results})
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.3), squeeze=False)
+    palette = plt.get_cmap("tab20").colors  # more methods than the ten default colours
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 5.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         rows = [r for r in results if r["model"] == model and r.get("energy_ratio")]
         if not rows:
             continue
         ax.axhline(rows[0]["ann_top1"], color="black", linestyle="--", linewidth=1, label="ANN top-1")
         ax.axvline(1.0, color="grey", linestyle=":", linewidth=1, label="ANN energy")
-        for r in rows:
-            ax.plot(r["energy_ratio"], r["snn_top1"], marker="o", color=colors[r["method"]], label=_label(r["method"]))
+        labelled = set()
+        for r in rows:  # a method measured in several runs gets one legend entry
+            label = None if r["method"] in labelled else _label(r["method"])
+            labelled.add(r["method"])
+            ax.plot(r["energy_ratio"], r["snn_top1"], marker="o", color=colors[r["method"]], label=label)
             for T, e, a in zip(r["time_steps"], r["energy_ratio"], r["snn_top1"]):
                 ax.annotate(str(T), (e, a), textcoords="offset points", xytext=(3, -9), fontsize=7,
                             color=colors[r["method"]])
@@ -189,7 +193,7 @@ def plot_frontier(results: list[dict], path: Path) -> None:
         ax.set_ylabel("top-1 (%)")
         ax.set_title(f"{model} (labels: T)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
