@@ -115,10 +115,10 @@ class FileMetadata:
     """What a pconv file (either kind) says about itself.
 
     `time_steps` holds the one T of an SNN file or every T of a calibration file; `populated` maps each T to
-    the hidden sites population-coded at it and their neurons per channel; `neuron` is set for SNN files only. `threshold` and `method` (the
-    metadata entry `calibration`) are what ran: in an SNN file, at its T (for `auto`, what it resolved to);
-    in a calibration file, the configured ones. `config` is the whole configuration (absent in files of
-    pconv before it recorded one)."""
+    the hidden sites population-coded at it and their neurons per channel; `neuron` is set for SNN files
+    only. `threshold` and `method` (the metadata entry `calibration`) are what ran: in an SNN file, at its T
+    (for `auto`, what it resolved to); in a calibration file, the configured ones. `config` is the whole
+    configuration (absent in files of pconv before it recorded one)."""
 
     kind: str
     time_steps: tuple[int, ...]
