@@ -11,8 +11,9 @@ from rich.table import Table
 from ..measure.benchmark import BENCH_ENGINES, PRECISIONS, BenchConfig, BenchResult, benchmark
 from ..errors import ConfigError
 from ..files.export import load
-from ._loading import resolve_device
+from ._loading import make_loader, resolve_device
 from ._options import debug_option, device_option, json_option, trust_factory_option
+from ..data.batches import images_of
 from ._output import Output
 
 
@@ -71,6 +72,10 @@ def render(console, result: BenchResult, title: str) -> None:
               help="Timed calls at --batch-size (twice as many at batch 1).")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Engines take turns this many times; each reports its median round.")
+@click.option("--data", "-d", "data", type=click.Path(path_type=Path), default=None,
+              help="Time on real images from this folder (--batch-size of them, drawn with seed 0, read with the "
+                   "file's data config); with --precision the agreement with fp32 is then measured on them. "
+                   "Without it: random inputs.")
 @click.option("--spike-batch-limit", type=click.IntRange(min=1), default=None,
               help="Most samples (T x images) per spike-domain pass; larger batches run in chunks.")
 @trust_factory_option
@@ -78,8 +83,8 @@ def render(console, result: BenchResult, title: str) -> None:
 @json_option
 @debug_option
 def bench(snn_file: Path, batch_size: int, engines: tuple[str, ...], precision: str, channels_last: bool,
-          use_compile: bool, cuda_graph: bool, warmup: int, iters: int, rounds: int, spike_batch_limit: int | None,
-          trust_factory: bool, device: str, as_json: bool) -> None:
+          use_compile: bool, cuda_graph: bool, warmup: int, iters: int, rounds: int, data: Path | None,
+          spike_batch_limit: int | None, trust_factory: bool, device: str, as_json: bool) -> None:
     """Time SNN_FILE against its source ANN: images/s, ms per image at batch 1, peak memory."""
     out = Output(as_json)
     dev = resolve_device(device)
@@ -90,6 +95,10 @@ def bench(snn_file: Path, batch_size: int, engines: tuple[str, ...], precision: 
     input_size = tuple(snn.info.data_config.get("input_size") or ())
     if not input_size:
         raise ConfigError(f"{snn_file} has no input size in its data config", "re-export it with pconv convert")
+    images = None
+    if data is not None:
+        loader = make_loader(data, snn.info.data_config, batch_size, batch_size, seed=0, workers=0, labelled=False)
+        images = images_of(next(iter(loader)))
     with out.progress() as progress:
         tick = progress.stage("timing engines", len(chosen))
         started = []
@@ -102,8 +111,12 @@ def bench(snn_file: Path, batch_size: int, engines: tuple[str, ...], precision: 
         config = BenchConfig(batch_size=batch_size, device=str(dev), engines=chosen, precision=precision,
                              channels_last=channels_last, compile=use_compile, cuda_graph=cuda_graph, warmup=warmup,
                              iters=iters, latency_iters=2 * iters, rounds=rounds, spike_batch_limit=spike_batch_limit)
-        result = benchmark(snn, input_size, config, progress=on_engine)
+        result = benchmark(snn, input_size, config, images=images, progress=on_engine)
+        if images is not None:
+            result.inputs = f"{data}: {images.shape[0]} images"
+
         tick()
     doc = {"file": str(snn_file), **result.to_dict()}
-    title = f"{snn_file.name}: {result.model}, T={result.time_steps}, {dev}, {precision}, batch {batch_size}"
+    title = (f"{snn_file.name}: {result.model}, T={result.time_steps}, {dev}, {precision}, batch {batch_size}, "
+             f"{result.inputs} inputs")
     out.result(doc, lambda console: render(console, result, title))

@@ -52,6 +52,7 @@ class BenchResult:
     img_size: int
     param_count: int  # to_dict: in millions, 2 decimals, as timm writes it
     rounds: int = 1
+    inputs: str = "random"  # or where the real images came from (reduced-precision agreement is measured on them)
     torch_version: str = torch.__version__
     engines: list[EngineResult] = field(default_factory=list)
 
@@ -136,6 +137,7 @@ def benchmark(snn: SpikingNetwork, input_size: tuple[int, ...], config: BenchCon
         device=str(device), precision=config.precision, channels_last=config.channels_last,
         compiled=config.compile, cuda_graph=config.cuda_graph, input_size=list(input_size),
         img_size=int(input_size[-1]), param_count=sum(p.numel() for p in snn.net.parameters()), rounds=config.rounds,
+        inputs="random" if images is None else f"{min(images.shape[0], config.batch_size)} given images",
     )
     prepared = _prepare(snn, config, x, one)
     steps, latencies = _time_rounds(prepared, config, x, one, progress)
