@@ -4,12 +4,12 @@ For each SNN file, on the first --batch-size images of its image folder (real im
 precision's agreement with fp32 means something):
 
 * agreement: the CUDA count engine against the CUDA spike engine and against the CPU (same images, same file),
-  with TF32 convolutions as torch's defaults leave them and with TF32 off, as max |Δ logit| and top-1 agreement,
-  and the two engines in float64 on the GPU (no ties left to round: they must agree to rounding);
+  in IEEE float32 as pconv's CLI runs CUDA (--tf32: torch's default, TF32 convolutions), as max |Δ logit| and
+  top-1 agreement; the two engines in float64 on the GPU (no ties left to round: they must agree to rounding);
+  and the count engine replayed from a CUDA graph (pconv's one-kernel neuron) against its eager run;
 * speed: `pconv.measure.benchmark` at --batch-size and at batch 1, in eager mode, replayed from CUDA graphs,
   channels-last, bf16 and fp16 autocast (agreement with fp32 reported), torch.compile (with and without
-  CUDA graphs) where --compile names the file, and the count engine with bench/fused_count.py's one-kernel
-  neuron (an experiment, not part of pconv).
+  CUDA graphs) where --compile names the file.
 
 Every variant runs inside a try (an error is recorded, the next variant runs) and the JSON document is
 rewritten after each, so a run stopped at its time limit still leaves what it measured. --deadline (seconds
@@ -24,20 +24,20 @@ since the epoch) skips what would start after it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import time
 import traceback
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 import pconv
-from pconv.cli._loading import make_loader
+from pconv.cli._loading import full_fp32_convolutions, make_loader
 from pconv.data.batches import images_of
 from pconv.measure.benchmark import BenchConfig, benchmark
+from pconv.measure.timing import cuda_graphed
+from pconv.nn import count_kernel
 from pconv.nn.neurons import Engine
 
 #: (name, engines, BenchConfig fields); compiled variants run only for the files --compile names.
@@ -47,9 +47,6 @@ VARIANTS = [
     ("channels-last+cuda-graph", ("ann", "counts"), {"channels_last": True, "cuda_graph": True}),
     ("bf16+cuda-graph", ("ann", "spikes", "counts"), {"precision": "bf16", "cuda_graph": True}),
     ("fp16+cuda-graph", ("ann", "counts"), {"precision": "fp16", "cuda_graph": True}),
-    # the experiment of bench/fused_count.py: the count engine's neuron as one kernel
-    ("cuda-graph+fused-neuron", ("ann", "counts"), {"cuda_graph": True, "fused": True}),
-    ("eager+fused-neuron", ("ann", "counts"), {"fused": True}),
 ]
 COMPILED = [
     ("compile", ("ann", "counts"), {"compile": True}),
@@ -68,49 +65,37 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 def agreement(path: Path, x: torch.Tensor, device: str) -> dict:
-    """Count vs spike engine on CUDA, CUDA vs CPU; with torch's default TF32 setting and with TF32 off."""
-    doc = {"cudnn_allow_tf32_default": torch.backends.cudnn.allow_tf32,
-           "matmul_allow_tf32_default": torch.backends.cuda.matmul.allow_tf32}
+    """Count vs spike engine on the device, device vs CPU, under the convolution precision in force; the two
+    engines in float64; and on CUDA the count engine replayed from a CUDA graph (pconv's one-kernel neuron,
+    nn/count_kernel.py) against its eager run (torch's passes): they must be equal bit for bit."""
+    # (torch's legacy allow_tf32 getters raise once the new API has set a precision: read the new one)
+    doc = {"conv_fp32_precision": getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)}
     cpu = pconv.load(path, device="cpu")
     with torch.inference_mode():
         cpu_counts = cpu.set_engine(Engine.COUNTS)(x)
         cpu_ann = cpu.to_ann()(x)
-    default = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    try:
-        for label, tf32 in (("tf32_default", default), ("tf32_off", (False, False))):
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-            gpu = pconv.load(path, device=device)
-            xg = x.to(device)
-            with torch.inference_mode():
-                counts = gpu.set_engine(Engine.COUNTS)(xg)
-                spikes = gpu.set_engine(Engine.SPIKES)(xg)
-                ann = gpu.to_ann().to(device)(xg)
-            doc[label] = {"counts_vs_spikes": compare(counts, spikes), "counts_vs_cpu_counts": compare(counts, cpu_counts),
-                          "ann_vs_cpu_ann": compare(ann, cpu_ann), "counts_vs_ann": compare(counts, ann)}
-        # float64 leaves no ties for rounding to break: the two engines must agree to rounding on the GPU too
-        gpu64 = pconv.load(path, device=device).double()
-        with torch.inference_mode():
-            counts64 = gpu64.set_engine(Engine.COUNTS)(x.to(device).double())
-            spikes64 = gpu64.set_engine(Engine.SPIKES)(x.to(device).double())
-        doc["float64"] = {"counts_vs_spikes": compare(counts64, spikes64)}
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = default
-    return doc
-
-
-@contextlib.contextmanager
-def fused_neuron(path: Path, x: torch.Tensor, device: str, runs: dict) -> Iterator[None]:
-    """bench/fused_count.py's kernel in place of the count engine's neuron, its outputs compared first."""
-    import fused_count
-
-    snn = pconv.load(path, device=device)
+    gpu = pconv.load(path, device=device)
+    xg = x.to(device)
     with torch.inference_mode():
-        plain = snn(x.to(device))
-        with fused_count.patched():
-            fused = snn(x.to(device))
-    runs["fused_neuron_vs_counts"] = compare(fused, plain)
-    with fused_count.patched():
-        yield
+        counts = gpu.set_engine(Engine.COUNTS)(xg)
+        spikes = gpu.set_engine(Engine.SPIKES)(xg)
+        ann = gpu.to_ann().to(device)(xg)
+    doc["fp32"] = {"counts_vs_spikes": compare(counts, spikes), "counts_vs_cpu_counts": compare(counts, cpu_counts),
+                   "ann_vs_cpu_ann": compare(ann, cpu_ann), "counts_vs_ann": compare(counts, ann)}
+    if device.startswith("cuda"):
+        gpu.set_engine(Engine.COUNTS)
+        replay = cuda_graphed(gpu, xg)
+        with torch.inference_mode():
+            graphed = replay(xg).clone()
+        doc["fp32"]["graph_vs_eager_counts"] = {**compare(graphed, counts), "equal": torch.equal(graphed, counts),
+                                                "kernel_compiled_for": [str(k) for k in count_kernel._compiled]}
+    # float64 leaves no ties for rounding to break: the two engines must agree to rounding on the GPU too
+    gpu64 = pconv.load(path, device=device).double()
+    with torch.inference_mode():
+        counts64 = gpu64.set_engine(Engine.COUNTS)(x.to(device).double())
+        spikes64 = gpu64.set_engine(Engine.SPIKES)(x.to(device).double())
+    doc["float64"] = {"counts_vs_spikes": compare(counts64, spikes64)}
+    return doc
 
 
 def main() -> None:
@@ -123,6 +108,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", default="", help="file stems (comma-separated) to also time compiled")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script (CUDA graphs then fail)")
+    parser.add_argument("--tf32", action="store_true", help="leave torch's TF32 default (pconv's CLI turns it off)")
+    parser.add_argument("--variants", default=None, help="comma-separated subset of the variants' names")
     parser.add_argument("--deadline", type=float, default=float("inf"))
     parser.add_argument("--compile-margin", type=float, default=120.0,
                         help="start a compiled variant only with this many seconds left before the deadline")
@@ -130,6 +117,8 @@ def main() -> None:
     folders = args.data if len(args.data) > 1 else args.data * len(args.files)
     compiled = set(filter(None, args.compile.split(",")))
     cuda = args.device.startswith("cuda")
+    if cuda and not args.tf32:
+        full_fp32_convolutions()  # as pconv's CLI runs on CUDA
     doc = {"machine": {"gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
                        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
                        "python": platform.python_version(), "cpu_threads": torch.get_num_threads()},
@@ -152,6 +141,8 @@ def main() -> None:
         save()
     jobs = [(path, variant) for path in inputs for variant in VARIANTS]
     jobs += [(path, variant) for path in inputs if path.stem in compiled for variant in COMPILED]
+    if args.variants:
+        jobs = [(path, variant) for path, variant in jobs if variant[0] in args.variants.split(",")]
     for path, (name, engines, fields) in jobs:
         runs = doc["files"][path.stem]["runs"]
         x, input_size, folder = inputs[path]
@@ -161,12 +152,9 @@ def main() -> None:
             continue
         started = time.time()
         try:
-            fields = dict(fields)
-            context = fused_neuron(path, x, args.device, runs) if fields.pop("fused", False) else contextlib.nullcontext()
             config = BenchConfig(batch_size=args.batch_size, device=args.device, engines=engines, iters=args.iters,
                                  latency_iters=2 * args.iters, rounds=args.rounds, **fields)
-            with context:
-                result = benchmark(pconv.load(path, device=args.device), input_size, config, images=x).to_dict()
+            result = benchmark(pconv.load(path, device=args.device), input_size, config, images=x).to_dict()
             result["inputs"] = f"{folder}: {x.shape[0]} images"
             runs[name] = {**result, "seconds": round(time.time() - started, 1)}
             line = "  ".join(f"{e['engine']} {e['step_time']:.3f}/{e['latency_ms']:.3f} ms" for e in result["engines"])

@@ -67,3 +67,40 @@ def test_reduced_precision_reports_agreement():
                 reduced = module(x).float().argmax(1)
             full = module(x).argmax(1)
         assert e.top1_agreement_vs_fp32 == pytest.approx(100.0 * (reduced == full).float().mean().item())
+
+
+def test_bench_times_the_images_of_a_folder(snn_file, tmp_path, monkeypatch):
+    """--data: the engines are timed on the folder's images (read with the file's data config), and reduced
+    precision's agreement with fp32 is measured on them, not on noise."""
+    import cli_models
+    from pconv.cli import bench as bench_command
+    from pconv.cli._loading import make_loader
+    from pconv.data.batches import images_of
+
+    folder = cli_models.write_random_folder(tmp_path / "images", classes=2, per_class=3, size=40)
+    timed = {}
+
+    def spy(snn, input_size, config, images=None, progress=None):
+        timed["images"] = images
+        return benchmark(snn, input_size, config, images=images, progress=progress)
+
+    monkeypatch.setattr(bench_command, "benchmark", spy)
+    result = CliRunner().invoke(cli, ["bench", str(snn_file), "--trust-factory", "-b", "4", "--iters", "1", "--warmup",
+                                      "0", "--rounds", "1", "--engines", "ann,counts", "--device", "cpu", "--precision",
+                                      "bf16", "--data", str(folder), "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["inputs"] == f"{folder}: 4 images"
+    snn = pconv.load(snn_file, trust_factory=True)
+    loader = make_loader(folder, snn.info.data_config, 4, 4, seed=0, workers=0, labelled=False)
+    x = images_of(next(iter(loader)))
+    assert torch.equal(timed["images"], x)
+    for e, module in zip(doc["engines"], (snn.to_ann(), snn)):
+        with torch.inference_mode():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                reduced = module(x).float().argmax(1)
+            full = module(x).argmax(1)
+        assert e["top1_agreement_vs_fp32"] == pytest.approx(100.0 * (reduced == full).float().mean().item())
+    plain = CliRunner().invoke(cli, ["bench", str(snn_file), "--trust-factory", "-b", "2", "--iters", "1", "--warmup",
+                                     "0", "--rounds", "1", "--engines", "ann", "--device", "cpu", "--json"])
+    assert json.loads(plain.stdout)["inputs"] == "random"

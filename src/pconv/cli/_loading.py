@@ -25,7 +25,7 @@ from ..utils import distributed
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -36,9 +36,25 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"--device {name} but there are {torch.cuda.device_count()} CUDA devices",
                               "use --device cuda:0")
+        full_fp32_convolutions()
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps but MPS is not available here", "use --device cpu")
     return device
+
+
+def full_fp32_convolutions() -> None:
+    """Convolutions and matrix products in IEEE float32, not TF32 (torch's default for cuDNN convolutions).
+    TF32 rounds a pre-activation to 10 bits of mantissa, often enough to move it across a neuron's level
+    boundary. On an H200, with TF32 the SNN's top-1 disagreed with the same file's on the CPU for 1 of 64 images
+    (ResNet-20, T=8) and 6 of 64 (EfficientNet-Lite0, T=8), in IEEE float32 for 0 and 1, and `eval` of
+    ResNet-20 at T=8 on 1,000 images then gave the CPU's figures exactly (docs/benchmarks.md). The ANN and the
+    SNN run alike, so bench's ratios stay fair."""
+    if hasattr(torch.backends.cudnn, "fp32_precision"):  # torch 2.9 and later: cuDNN's setting covers its convs
+        torch.backends.cudnn.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:  # torch before 2.9
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def apply_overrides(data_config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
