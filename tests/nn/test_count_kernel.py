@@ -92,4 +92,5 @@ def test_kernel_applies_to_float32_factors_and_plain_layouts_only():
     assert count_kernel._key(x.transpose(2, 3), params) is None  # strided view: torch's passes
     assert count_kernel._key(x.double(), tuple(p.double() for p in params)) is None  # float64 stays exact in torch
     assert count_kernel._key(torch.randn(5), params) is None
+    assert count_kernel._key(torch.randn(0, 3, 4, 5), params) is None
     assert count_kernel._layout(x) == 20 and count_kernel._layout(torch.randn(2, 3)) == 1

@@ -19,6 +19,7 @@ rounds as torch's separate kernels do and the counts are functional.counted's, b
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -61,14 +62,14 @@ def _layout(x: Tensor) -> int | None:
     if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
         return 1
     if x.is_contiguous():
-        return x[0, 0].numel() if x.dim() > 2 else 1
+        return math.prod(x.shape[2:])
     return None
 
 
 def _key(x: Tensor, params: tuple[Tensor, ...]) -> tuple | None:
     """What Triton compiles the kernel for (dtypes, device, which pointers are 16-byte aligned), or None where
-    the kernel does not apply (other dtypes or layouts, 2**31 elements or more)."""
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or _layout(x) is None or x.numel() >= 2**31:
+    the kernel does not apply (other dtypes or layouts, no elements or 2**31 and more)."""
+    if not 0 < x.numel() < 2**31 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or _layout(x) is None:
         return None
     if any(p.dtype != torch.float32 or not p.is_contiguous() or p.device != x.device for p in params):
         return None
