@@ -55,7 +55,8 @@ COMPILED = [
 
 
 def real_images(snn, folder: Path, batch_size: int) -> torch.Tensor:
-    loader = make_loader(folder, snn.info.data_config, batch_size, batch_size, seed=0, workers=0, labelled=False)
+    loader = make_loader(folder, snn.info.data_config, batch_size, None, seed=0, workers=0, cap=batch_size,
+                         labelled=False)
     return images_of(next(iter(loader)))
 
 
@@ -165,6 +166,7 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
         save()
+
 
 if __name__ == "__main__":
     main()

@@ -92,7 +92,7 @@ def test_bench_times_the_images_of_a_folder(snn_file, tmp_path, monkeypatch):
     doc = json.loads(result.stdout)
     assert doc["inputs"] == f"{folder}: 4 images"
     snn = pconv.load(snn_file, trust_factory=True)
-    loader = make_loader(folder, snn.info.data_config, 4, 4, seed=0, workers=0, labelled=False)
+    loader = make_loader(folder, snn.info.data_config, 4, None, seed=0, workers=0, cap=4, labelled=False)
     x = images_of(next(iter(loader)))
     assert torch.equal(timed["images"], x)
     for e, module in zip(doc["engines"], (snn.to_ann(), snn)):
@@ -104,3 +104,9 @@ def test_bench_times_the_images_of_a_folder(snn_file, tmp_path, monkeypatch):
     plain = CliRunner().invoke(cli, ["bench", str(snn_file), "--trust-factory", "-b", "2", "--iters", "1", "--warmup",
                                      "0", "--rounds", "1", "--engines", "ann", "--device", "cpu", "--json"])
     assert json.loads(plain.stdout)["inputs"] == "random"
+    # a folder smaller than the batch: all of its images, repeated to fill the batch
+    small = CliRunner().invoke(cli, ["bench", str(snn_file), "--trust-factory", "-b", "16", "--iters", "1", "--warmup",
+                                     "0", "--rounds", "1", "--engines", "ann", "--device", "cpu", "--data", str(folder),
+                                     "--json"])
+    assert small.exit_code == 0, small.stderr
+    assert json.loads(small.stdout)["inputs"] == f"{folder}: 6 images"

@@ -8,12 +8,12 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from ..data.batches import images_of
 from ..measure.benchmark import BENCH_ENGINES, PRECISIONS, BenchConfig, BenchResult, benchmark
 from ..errors import ConfigError
 from ..files.export import load
 from ._loading import make_loader, resolve_device
 from ._options import debug_option, device_option, json_option, trust_factory_option
-from ..data.batches import images_of
 from ._output import Output
 
 
@@ -73,8 +73,8 @@ def render(console, result: BenchResult, title: str) -> None:
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Engines take turns this many times; each reports its median round.")
 @click.option("--data", "-d", "data", type=click.Path(path_type=Path), default=None,
-              help="Time on real images from this folder (--batch-size of them, drawn with seed 0, read with the "
-                   "file's data config); with --precision the agreement with fp32 is then measured on them. "
+              help="Time on real images from this folder (--batch-size of them drawn with seed 0, or all of a smaller "
+                   "folder, read with the file's data config); with --precision the agreement with fp32 is then measured on them. "
                    "Without it: random inputs.")
 @click.option("--spike-batch-limit", type=click.IntRange(min=1), default=None,
               help="Most samples (T x images) per spike-domain pass; larger batches run in chunks.")
@@ -97,7 +97,9 @@ def bench(snn_file: Path, batch_size: int, engines: tuple[str, ...], precision: 
         raise ConfigError(f"{snn_file} has no input size in its data config", "re-export it with pconv convert")
     images = None
     if data is not None:
-        loader = make_loader(data, snn.info.data_config, batch_size, batch_size, seed=0, workers=0, labelled=False)
+        # --batch-size of them, or all of a smaller folder (the benchmark repeats them to fill the batch)
+        loader = make_loader(data, snn.info.data_config, batch_size, None, seed=0, workers=0, cap=batch_size,
+                             labelled=False)
         images = images_of(next(iter(loader)))
     with out.progress() as progress:
         tick = progress.stage("timing engines", len(chosen))
@@ -118,5 +120,5 @@ def bench(snn_file: Path, batch_size: int, engines: tuple[str, ...], precision: 
         tick()
     doc = {"file": str(snn_file), **result.to_dict()}
     title = (f"{snn_file.name}: {result.model}, T={result.time_steps}, {dev}, {precision}, batch {batch_size}, "
-             f"{result.inputs} inputs")
+             f"inputs: {result.inputs}")
     out.result(doc, lambda console: render(console, result, title))

@@ -3,14 +3,15 @@
 Per site the count engine computes amplitude * clamp(floor(x * scale + offset), 0, L), per channel: five
 elementwise passes in torch (multiply, add, floor, clamp, multiply) where the ANN runs one ReLU. On a GPU each
 pass reads and writes the whole activation map, so even with the launches out of the way (a CUDA graph) the
-count engine took 1.4-1.7x the ANN's time; with the five passes as this one Triton kernel, 1.01-1.07x
+count engine took 1.4-1.7x the ANN's time; with the five passes as this one Triton kernel, 1.07-1.13x
 (docs/benchmarks.md, H200). Written by hand because torch has no such fused op outside torch.compile.
 
 It runs only while a CUDA graph is being captured. Launched from Python one by one, as in eager mode, a
 Triton kernel costs more than torch's five launches at small sizes (ResNet-20 at batch 64: 4.7 against
 2.8 ms), and a kernel is compiled on its first launch, which must not happen inside a capture. So the eager
 forwards that precede a capture (CUDA graphs need warm-up calls) launch it once per kind of input to compile
-it (`warm`); a capture uses it when it is compiled and falls back to torch's passes otherwise.
+it; a capture uses it when it is compiled and falls back to torch's passes otherwise. (Each eager CUDA forward
+thus pays a few Python checks per site; their cost was not measured.)
 
 Rounding: multiply and add are not contracted into a fused multiply-add (`enable_fp_fusion=False`), so each
 rounds as torch's separate kernels do and the counts are functional.counted's, bit for bit.
