@@ -225,12 +225,13 @@ def test_eval_plot_draws_a_png_with_the_step_curve(snn_file, folders, tmp_path):
 def test_inspect_snn_and_calibration(snn_file, calib_file):
     doc = run_json("inspect", snn_file)
     assert doc["kind"] == "snn" and doc["time_steps"] == 4 and doc["neuron"] == "parallel"
-    assert doc["model"]["name"] == TINY and doc["format_version"] == 5 and doc["encoding_levels"] == 64
-    # relu1 sees the image through conv1/bn1 only: it encodes it, with ceil(64/4) = 16 neurons per channel;
-    # act2 has what the budget gave it (populated), one neuron per channel if nothing
-    act2 = doc["populated"].get("4", {}).get("act2", 1)
-    assert [s["population"] for s in doc["sites"]][:2] == [16, act2] and doc["sites"][0]["encoding"]
-    assert [n.population for n in pconv.load(snn_file, trust_factory=True).neurons().values()] == [16, act2]
+    assert doc["model"]["name"] == TINY and doc["format_version"] == 6 and doc["encoding_levels"] == 64
+    # relu1 sees the image through conv1/bn1 only: it encodes it, with what the budget chose for it (always
+    # listed, at most ceil(64/4) = 16 neurons per channel); act2 with what the budget gave it, one if nothing
+    relu1, act2 = doc["populated"]["4"]["relu1"], doc["populated"]["4"].get("act2", 1)
+    assert 1 <= relu1 <= 16 and doc["sites"][0]["encoding"]
+    assert [s["population"] for s in doc["sites"]][:2] == [relu1, act2]
+    assert [n.population for n in pconv.load(snn_file, trust_factory=True).neurons().values()] == [relu1, act2]
     snn = pconv.load(snn_file, trust_factory=True)
     for site in doc["sites"]:
         theta = snn.neurons()[site["name"]].theta_in
@@ -480,10 +481,10 @@ def run_by_the_spec(snn_file, folders) -> None:
     with safe_open(str(snn_file), framework="pt") as f:
         meta = f.metadata()
         t = {name: f.get_tensor(name) for name in f.keys()}
-    assert meta["pconv.format"] == "pconv" and meta["pconv.format_version"] == "5" and meta["neuron"] == "parallel"
+    assert meta["pconv.format"] == "pconv" and meta["pconv.format_version"] == "6" and meta["neuron"] == "parallel"
     T = int(meta["time_steps"])
     levels = int(meta["encoding_levels"])
-    populated = json.loads(meta["populated"])  # {hidden site: neurons per channel}
+    populated = json.loads(meta["populated"])  # {site: neurons per channel} for the sites the budget chose
     encoding = {s["name"]: s["encoding"] for s in json.loads(meta["sites"])}
     cfg = json.loads(meta["data_config"])
     w = {k[len("weights."):]: v for k, v in t.items() if k.startswith("weights.")}
@@ -491,7 +492,8 @@ def run_by_the_spec(snn_file, folders) -> None:
     def neuron(x, site):
         theta_in, bias, theta_out = (t[f"neurons.{site}.{leaf}"].view(1, -1, 1, 1)
                                      for leaf in ("theta_in", "bias", "theta_out"))
-        m = (-(-levels // T) if levels > T else 1) if encoding[site] else populated.get(site, 1)  # per channel
+        unlisted = (-(-levels // T) if levels > T else 1) if encoding[site] else 1
+        m = populated.get(site, unlisted)  # per channel
         k = sum(torch.clamp(torch.floor((T * x + bias + j * theta_in / m) / theta_in), 0, T) for j in range(m))
         return theta_out * k / (m * T)
 
@@ -516,14 +518,15 @@ def test_population_budget_codes_a_hidden_site_end_to_end(folders, tmp_path):
     doc = run_json("calibrate", TINY, "--data", folders["calib"], "-T", "4,64", "-o", calib,
                    "--population-budget", "100")
     # a budget this large stops only where a step gains nothing: act2 gets several neurons, at most 16
-    m = doc["populations"]["4"]["act2"]
-    assert doc["population_budget"] == 100 and doc["populations"]["4"] == {"relu1": 16, "act2": m} and 2 < m <= 16
+    m, stem = doc["populations"]["4"]["act2"], doc["populations"]["4"]["relu1"]
+    assert doc["population_budget"] == 100 and doc["populations"]["4"] == {"relu1": stem, "act2": m}
+    assert 2 < m <= 16 and 1 <= stem <= 16
     assert doc["populations"]["64"] == {}  # 64 levels at T=64: no population anywhere
     info = run_json("inspect", calib)
-    assert info["populated"] == {"4": {"act2": m}} and info["sites"][1]["population"] == {"4": m, "64": 1}
+    assert info["populated"] == {"4": {"relu1": stem, "act2": m}} and info["sites"][1]["population"] == {"4": m, "64": 1}
     snn = tmp_path / "s.safetensors"
     doc = run_json("convert", TINY, "--calib", calib, "-T", "4", "-o", snn)
-    assert doc["populations"] == {"relu1": 16, "act2": m}
+    assert doc["populations"] == {"relu1": stem, "act2": m}
     assert run_json("inspect", snn)["sites"][1]["population"] == m
     run_by_the_spec(snn, folders)
     text = run("calibrate", TINY, "--data", folders["calib"], "-T", "4", "-o", tmp_path / "c2.safetensors",

@@ -113,13 +113,14 @@ def test_only_the_sites_that_see_the_image_encode():
     assert [populations(sites, T, 64)[first] for T in (4, 8, 16, 32, 64, 100)] == [16, 8, 4, 2, 1, 1]
     assert populations(sites, 8, 0)[first] == 1 and populations(sites, 8, 64)[sites[1].name] == 1
     assert populations(sites, 8, 64, chosen={sites[1].name: 3})[sites[1].name] == 3  # a hidden site the budget chose
+    assert populations(sites, 8, 64, chosen={first: 1})[first] == 1  # an encoding site the budget chose
 
 
 def test_encoding_levels_zero_is_one_neuron_everywhere_and_bad_levels_are_refused():
     model = nets.vgg_small().eval()
     images = [torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))]
     plain = pconv.calibrate(model, images, time_steps=[4], method="none", encoding_levels=0)
-    coded = pconv.calibrate(model, images, time_steps=[4], method="none")
+    coded = pconv.calibrate(model, images, time_steps=[4], method="none", population_budget=0)  # no choice
     assert set(plain.populations(4).values()) == {1}
     assert coded.populations(4)["features.2"] == 16 and coded.encoding_levels == 64
     snn = pconv.convert(model, coded, time_steps=4)
@@ -134,7 +135,8 @@ def test_population_survives_the_file_round_trip(tmp_path):
     model = nets.vgg_small().eval()
     model.pconv_source = pconv.ModelSource("factory", "nets:vgg_small")
     images = [torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))]
-    calibration = pconv.calibrate(model, images, time_steps=[2, 8], method="none", encoding_levels=20)
+    calibration = pconv.calibrate(model, images, time_steps=[2, 8], method="none", encoding_levels=20,
+                                  population_budget=0)
     path = pconv.save_calibration(calibration, tmp_path / "c.safetensors")
     again = pconv.load_calibration(path)
     assert again.encoding_levels == 20 and again.populations(2)["features.2"] == 10

@@ -1,5 +1,5 @@
-"""Which hidden sites to population-code, with how many neurons each: a label-free sensitivity estimate and a
-neuron budget.
+"""How many neurons per channel each site gets, the encoding sites included: a label-free sensitivity estimate
+and a neuron budget.
 
 Quantizing site s with L levels changes the ANN's output. To first order, the log-probability of the
 class the ANN itself predicts moves by
@@ -13,11 +13,15 @@ same Fisher-weighted error the expected KL divergence between ANN and quantized 
 ANN's own prediction stands in for a label, so no label is needed.
 
 A population of m neurons per channel gives a site m*T levels, for (m - 1) * neurons_s more neurons. Each
-site's m is one of `population_choices` (1, 2, 3, 4, 6, 8, ... up to the encoding sites' ceil(levels/T)).
-`choose_populated` starts every hidden site at m = 1 and repeatedly takes the one step, over every site and
-every larger m, that gains the most S per added neuron, while the added neurons stay within `budget` times
-the network's neurons. Since S falls about as 1/L^2, the first extra neuron of a site gains the most per
-neuron (3/4 of its S at m = 2), so the budget spreads over many sites at small m before it deepens any.
+site's m is one of `population_choices` (1, 2, 3, 4, 6, 8, ... up to ceil(encoding_levels/T)).
+`choose_populated` starts every site at m = 1 and repeatedly takes the one step, over every site and every
+larger m, that gains the most S per added neuron, while the added neurons stay within the pool: `budget`
+times the network's neurons, plus the ceil(encoding_levels/T) - 1 neurons per channel the encoding sites
+would have without a budget. So a budget never costs the encoding population's neurons twice: the network
+has as many neurons as when the encoding sites took theirs outright (until format version 6), and the
+sensitivity decides where they go (at T=4 the stems of ResNet-20 and EfficientNet-Lite0 keep 4-6 of their 16
+neurons per channel; the rest go to hidden sites, and the SNN's KL divergence from the ANN halves). Since S falls about as 1/L^2, the first extra neuron of a site gains the most
+per neuron (3/4 of its S at m = 2), so the pool spreads over many sites at small m before it deepens any.
 """
 
 from __future__ import annotations
@@ -132,14 +136,17 @@ def population_choices(largest: int) -> list[int]:
 
 def choose_populated(sites: Sequence[Site], sensitivity: Mapping[tuple[str, int], float],
                      neurons: Mapping[str, int], time_steps: int, largest: int, budget: float) -> dict[str, int]:
-    """{hidden site: neurons per channel > 1} at T, each at most `largest`: repeatedly the step (a site, a
-    larger m among population_choices) with the best gain in sensitivity per added neuron, while the added
-    neurons stay within `budget` times the network's neurons. Ties go to the earlier site, then the smaller m."""
+    """{site: neurons per channel} at T, each at most `largest`: repeatedly the step (a site, a larger m among
+    population_choices) with the best gain in sensitivity per added neuron, while the added neurons stay
+    within the pool (`budget` times the network's neurons plus the encoding sites' largest - 1 neurons per
+    channel). Every encoding site is in the result, with 1 if it gained nothing; a hidden site only with
+    m > 1. Ties go to the earlier site, then the smaller m. No budget: {} (the encoding sites keep `largest`)."""
     if largest <= 1 or budget <= 0:
         return {}
-    allowed = budget * sum(neurons[s.name] for s in sites)
+    encoding_pool = sum((largest - 1) * neurons[s.name] for s in sites if s.encoding)
+    allowed = budget * sum(neurons[s.name] for s in sites) + encoding_pool
     choices = population_choices(largest)
-    size = {s.name: 1 for s in sites if not s.encoding}
+    size = {s.name: 1 for s in sites}
     used = 0
     while True:
         best = None  # (gain per neuron, site, m, added neurons)
@@ -156,14 +163,15 @@ def choose_populated(sites: Sequence[Site], sensitivity: Mapping[tuple[str, int]
         _, name, m, added = best
         size[name] = m
         used += added
-    return {name: m for name, m in size.items() if m > 1}
+    encoding = {s.name for s in sites if s.encoding}
+    return {name: m for name, m in size.items() if m > 1 or name in encoding}
 
 
 def choose_population(model: nn.Module, sites: list[Site], channel_max: Mapping[str, Tensor], batches: ImageBatches,
                       steps: Sequence[int], encoding_levels: int, budget: float, memory_budget: int,
                       progress: Progress) -> dict[int, dict[str, int]]:
-    """Per T, {hidden site: neurons per channel} within the neuron `budget` (none when it is 0), from one
-    sensitivity pass over every image; `model` is the ANN."""
+    """Per T, {site: neurons per channel} within the neuron `budget` (none when it is 0: the encoding sites then
+    take ceil(encoding_levels/T) outright), from one sensitivity pass over every image; `model` is the ANN."""
     size = {T: population_size(T, encoding_levels) for T in steps}
     wanted = [T for T in steps if size[T] > 1]
     if budget <= 0 or not wanted:

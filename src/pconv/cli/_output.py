@@ -17,7 +17,6 @@ from rich.table import Table
 from rich.text import Text
 
 from ..calibration import Calibration
-from ..nn.population import population_size
 from ..observe.sites import Site
 from ..utils import distributed
 
@@ -140,21 +139,29 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
-def encoding_summary(sites: list[Site], time_steps: list[int], encoding_levels: int) -> str:
-    """One line: how many neurons per channel the encoding sites have at each T."""
-    encoders = [s for s in sites if s.encoding]
-    if not encoders or encoding_levels == 0:
+def encoding_summary(calibration: Calibration, time_steps: list[int]) -> str:
+    """One line: how many neurons per channel the encoding sites have at each T, and whether the budget chose it
+    (since format version 6) or the encoding levels gave it (ceil(levels/T))."""
+    encoders = [s.name for s in calibration.sites if s.encoding]
+    levels = calibration.encoding_levels
+    if not encoders or levels == 0:
         return "one neuron per channel at every site"
-    per_t = ", ".join(f"{population_size(T, encoding_levels)} at T={T}" for T in time_steps)
-    return f"{', '.join(s.name for s in encoders)}: neurons per channel {per_t} (≥ {encoding_levels} levels)"
+    parts = []
+    for T in time_steps:
+        sizes = calibration.populations(T)
+        parts.append(f"{'/'.join(str(m) for m in dict.fromkeys(sizes[n] for n in encoders))} at T={T}")
+    chosen = any(n in calibration.populated.get(T, {}) for T in time_steps for n in encoders)
+    how = f"chosen within the budget, at most {levels} levels" if chosen else f"≥ {levels} levels"
+    return f"{', '.join(encoders)}: neurons per channel {', '.join(parts)} ({how})"
 
 
 def population_summary(calibration: Calibration, time_steps: list[int]) -> str:
     """One line: the hidden sites population-coded at each T (chosen under --population-budget), counted by
-    their neurons per channel, named in network order."""
+    their neurons per channel, named in network order (the encoding sites are encoding_summary's)."""
+    encoders = {s.name for s in calibration.sites if s.encoding}
     parts = []
     for T in time_steps:
-        sizes = calibration.populated.get(T, {})
+        sizes = {n: m for n, m in calibration.populated.get(T, {}).items() if n not in encoders}
         if sizes:
             by_size = {m: [n for n, k in sizes.items() if k == m] for m in sorted(set(sizes.values()))}
             counts = ", ".join(f"{len(names)} × {m}" for m, names in by_size.items())

@@ -93,7 +93,7 @@ def calibrate(choice: ModelChoice, data: Path, output: Path, time_steps: list[in
             ("T", ", ".join(map(str, calibration.time_steps))),
             ("threshold", calibration.threshold),
             ("calibration", plan_summary(calibration, calibration.time_steps)),
-            ("encoding", encoding_summary(calibration.sites, calibration.time_steps, calibration.encoding_levels)),
+            ("encoding", encoding_summary(calibration, calibration.time_steps)),
             *([("population", population_summary(calibration, calibration.time_steps))] if population_budget else []),
             ("images", f"{doc['num_images']} from {data} (seed {seed})"),
             ("input", f"{'x'.join(map(str, data_config['input_size']))}, mean {tuple(data_config['mean'])}, "

@@ -121,7 +121,7 @@ def convert(ctx: click.Context, choice: ModelChoice, calib: Path | None, data: P
             ("sites", f"{len(snn.info.sites)} spiking layers, {doc['num_channels']} channels"),
             ("threshold", snn.info.threshold),
             ("calibration", f"{plan_summary(calibration, [time_steps])} on {source}"),
-            ("encoding", encoding_summary(snn.info.sites, [time_steps], calibration.encoding_levels)),
+            ("encoding", encoding_summary(calibration, [time_steps])),
             *([("population", population_summary(calibration, [time_steps]))] if calibration.populated else []),
             ("time", f"{doc['seconds']:.1f} s on {dev}"),
         ], title=f"SNN written to {path} ({human_bytes(doc['bytes'])})"))

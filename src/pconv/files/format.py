@@ -10,6 +10,9 @@ Version 4 adds the metadata entry "populated": the hidden sites population-coded
 (a list in an SNN file, {T: list} in a calibration file); a version-3 reader would ignore it.
 Version 5 gives each of them its own neurons per channel: "populated" is {site: m} in an SNN file and
 {T: {site: m}} in a calibration file; a version-4 list means m = ceil(encoding_levels/T) for every site in it.
+Version 6 lets "populated" name the encoding sites too (1 to ceil(encoding_levels/T) neurons per channel, chosen
+under the budget); an encoding site it does not name has ceil(encoding_levels/T), as in every earlier version.
+A version-5 reader would give a named encoding site the wrong size.
 
 `FileMetadata` is the one description of both kinds: `to_metadata()` writes it, `from_metadata()` reads and
 validates every value (a wrong one is a FormatError naming the field), `read_metadata(path)` reads it
@@ -36,11 +39,12 @@ from ..observe.sites import ACTIVATIONS, Site
 from ..version import __version__
 
 FORMAT_NAME = "pconv"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 #: Versions this pconv reads: version 1 is version 2 without refitted layers; version 2 is version 3
 #: with one neuron per channel everywhere (encoding_levels 0); version 3 is version 4 with no hidden site
-#: population-coded; version 4 is version 5 with the encoding sites' population size at every populated site.
-READABLE_VERSIONS = ("1", "2", "3", "4", "5")
+#: population-coded; version 4 is version 5 with the encoding sites' population size at every populated site;
+#: version 5 is version 6 with no encoding site in "populated".
+READABLE_VERSIONS = ("1", "2", "3", "4", "5", "6")
 REFIT_PREFIX = "refit."
 ANN_PREFIX = "ann."
 KINDS = ("snn", "calibration")
@@ -115,7 +119,8 @@ class FileMetadata:
     """What a pconv file (either kind) says about itself.
 
     `time_steps` holds the one T of an SNN file or every T of a calibration file; `populated` maps each T to
-    the hidden sites population-coded at it and their neurons per channel; `neuron` is set for SNN files
+    the sites whose neurons per channel the budget chose (hidden sites with more than one, encoding sites with
+    any; nn.population.populations reads it); `neuron` is set for SNN files
     only. `threshold` and `method` (the metadata entry `calibration`) are what ran: in an SNN file, at its T
     (for `auto`, what it resolved to); in a calibration file, the configured ones. `config` is the whole
     configuration (absent in files of pconv before it recorded one)."""
@@ -312,16 +317,20 @@ class _Reader:
         if not isinstance(value, dict) or any(not isinstance(v, shape) for v in value.values()):
             raise self.fail(key, "is malformed")
         hidden = {s.name for s in sites if not s.encoding}
+        named = hidden if version <= 5 else {s.name for s in sites}  # encoding sites since version 6
         out: dict[int, dict[str, int]] = {}
         for step, listed in value.items():
-            if not step.isdigit() or int(step) not in steps or not all(isinstance(n, str) and n in hidden
+            if not step.isdigit() or int(step) not in steps or not all(isinstance(n, str) and n in named
                                                                        for n in listed):
-                raise self.fail(key, f"names a T or hidden site the file does not have ({step!r})")
+                raise self.fail(key, f"names a T or site the file does not have, or an encoding site before "
+                                     f"format version 6 ({step!r})")
             largest = population_size(int(step), encoding_levels)
             sizes = {n: largest for n in listed} if shape is list else listed
-            if any(isinstance(m, bool) or not isinstance(m, int) or not 2 <= m <= largest for m in sizes.values()):
-                raise self.fail(key, f"gives a site at T={step} a population outside 2 to {largest} neurons per "
-                                     "channel")
+            for n, m in sizes.items():
+                least = 2 if n in hidden else 1  # a hidden site with one neuron is not listed
+                if isinstance(m, bool) or not isinstance(m, int) or not least <= m <= largest:
+                    raise self.fail(key, f"gives {n!r} at T={step} a population outside {least} to {largest} "
+                                         "neurons per channel")
             if sizes:
                 out[int(step)] = dict(sizes)
         return out

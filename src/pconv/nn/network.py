@@ -31,9 +31,10 @@ class ConversionInfo:
     source: ModelSource | None = None
     data_config: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
-    #: encoding sites have ceil(encoding_levels/T) neurons per channel (Site.population); 0: one
+    #: no site has more than ceil(encoding_levels/T) neurons per channel; 0: one everywhere
     encoding_levels: int = 0
-    #: hidden sites population-coded and their neurons per channel (chosen by sensitivity at calibration)
+    #: the sites whose neurons per channel the calibration chose by sensitivity under its budget (hidden sites
+    #: with more than one, encoding sites with any); an encoding site not in it has ceil(encoding_levels/T)
     populated: dict[str, int] = field(default_factory=dict)
     #: outputs of the classifier (None: not recorded, files before it was)
     num_classes: int | None = None

@@ -1,9 +1,11 @@
 """How many neurons each site has: the one rule, read by the calibration, the SNN, the files and inspect.
 
-The encoding sites (no spiking neuron between them and the image) have m = ceil(encoding_levels / T) neurons
-per channel (functional.population_count); with encoding_levels <= T, T alone resolves the levels and they
-have one. The hidden sites the calibration chose under its neuron budget have the m it chose for each (at
-most the encoding sites' m); every other site has one.
+A population of m neurons per channel gives a site m*T levels (functional.population_count); no site has
+more than ceil(encoding_levels / T) (with encoding_levels <= T, T alone resolves the levels and every site
+has one). Under a neuron budget the calibration chooses each site's m, the encoding sites' (no spiking neuron
+between them and the image) included; a site it chose has that m. Without a choice (no budget, or a file
+written before format version 6 for an encoding site) an encoding site has ceil(encoding_levels / T) and a
+hidden site one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def population_size(time_steps: int, encoding_levels: int) -> int:
 
 def populations(sites: Iterable[Site], time_steps: int, encoding_levels: int,
                 chosen: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Neurons per channel of every site at T: the encoding sites' population size if it encodes the image,
-    its `chosen` size if it is a hidden site the calibration chose, else 1."""
+    """Neurons per channel of every site at T: its `chosen` size if the calibration chose one, else the
+    encoding sites' population size for a site that encodes the image and 1 for a hidden site."""
     size, chosen = population_size(time_steps, encoding_levels), chosen or {}
-    return {s.name: size if s.encoding else chosen.get(s.name, 1) for s in sites}
+    return {s.name: chosen.get(s.name, size if s.encoding else 1) for s in sites}
