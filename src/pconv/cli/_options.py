@@ -267,13 +267,15 @@ def calibration_options(f: Callable) -> Callable:
                           "activations only.")(f)
     f = click.option("--population-budget", type=click.FloatRange(0.0, 100.0), default=DEFAULT_POPULATION_BUDGET,
                      show_default=True,
-                     help="Also population-code the hidden sites whose quantization costs the most accuracy per "
-                          "added neuron (label-free sensitivity), while the added neurons stay within this "
-                          "fraction of the network's, e.g. 0.25; 0: encoding sites only.")(f)
+                     help="Choose every site's neurons per channel, the encoding sites' included, where they "
+                          "gain the most accuracy per added neuron (label-free sensitivity), while the added "
+                          "neurons stay within this fraction of the network's plus the encoding population's, "
+                          "e.g. 0.25; 0: no choice, the encoding sites take ceil(levels/T).")(f)
     f = click.option("--encoding-levels", type=click.IntRange(0, MAX_TIME_STEPS), default=DEFAULT_ENCODING_LEVELS,
                      show_default=True,
-                     help="Levels the encoding layer (the neurons that see the image) resolves at any T, with "
-                          "ceil(levels/T) neurons per channel; 0: one neuron per channel.")(f)
+                     help="Most levels a population reaches at any T (at most ceil(levels/T) neurons per channel; "
+                          "without a budget the encoding layer, the neurons that see the image, has that many); "
+                          "0: one neuron per channel.")(f)
     methods = "; ".join(f"{m}: {CALIBRATIONS.get(m).summary.rstrip('.')}" for m in CALIBRATIONS.names())
     f = click.option("--calibration", "method", type=click.Choice(CALIBRATIONS.names()),
                      default=DEFAULT_METHOD, show_default=True, help=f"Calibration method ({methods}).")(f)
