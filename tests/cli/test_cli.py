@@ -523,7 +523,8 @@ def test_population_budget_codes_a_hidden_site_end_to_end(folders, tmp_path):
     assert 2 < m <= 16 and 1 <= stem <= 16
     assert doc["populations"]["64"] == {}  # 64 levels at T=64: no population anywhere
     info = run_json("inspect", calib)
-    assert info["populated"] == {"4": {"relu1": stem, "act2": m}} and info["sites"][1]["population"] == {"4": m, "64": 1}
+    assert info["populated"] == {"4": {"relu1": stem, "act2": m}}
+    assert info["sites"][1]["population"] == {"4": m, "64": 1}
     snn = tmp_path / "s.safetensors"
     doc = run_json("convert", TINY, "--calib", calib, "-T", "4", "-o", snn)
     assert doc["populations"] == {"relu1": stem, "act2": m}

@@ -20,8 +20,9 @@ times the network's neurons, plus the ceil(encoding_levels/T) - 1 neurons per ch
 would have without a budget. So a budget never costs the encoding population's neurons twice: the network
 has as many neurons as when the encoding sites took theirs outright (until format version 6), and the
 sensitivity decides where they go (at T=4 the stems of ResNet-20 and EfficientNet-Lite0 keep 4-6 of their 16
-neurons per channel; the rest go to hidden sites, and the SNN's KL divergence from the ANN halves). Since S falls about as 1/L^2, the first extra neuron of a site gains the most
-per neuron (3/4 of its S at m = 2), so the pool spreads over many sites at small m before it deepens any.
+neurons per channel; the rest go to hidden sites, and the SNN's KL divergence from the ANN halves). Since S
+falls about as 1/L^2, the first extra neuron of a site gains the most per neuron (3/4 of its S at m = 2), so
+the pool spreads over many sites at small m before it deepens any.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from rich.table import Table
 from rich.text import Text
 
 from ..calibration import Calibration
-from ..observe.sites import Site
 from ..utils import distributed
 
 #: Width used when stdout is not a terminal, so piped tables do not wrap at 80 columns.
