@@ -1,4 +1,5 @@
-"""Population coding of hidden sites under a neuron budget (sensitivity.py, docs/math.md §3c).
+"""Population coding of every site, the encoding sites included, under a neuron budget
+(calibration/population.py, docs/math.md §3c).
 
 The choice is a greedy knapsack on a label-free first-order estimate; these tests check the estimate
 against the change it predicts, the choice against its definition, and that a chosen site is a population
