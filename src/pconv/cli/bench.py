@@ -116,7 +116,6 @@ def bench(snn_file: Path, batch_size: int, engines: tuple[str, ...], precision: 
         result = benchmark(snn, input_size, config, images=images, progress=on_engine)
         if images is not None:
             result.inputs = f"{data}: {images.shape[0]} images"
-
         tick()
     doc = {"file": str(snn_file), **result.to_dict()}
     title = (f"{snn_file.name}: {result.model}, T={result.time_steps}, {dev}, {precision}, batch {batch_size}, "
