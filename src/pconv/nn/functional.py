@@ -52,10 +52,13 @@ def count_factors(theta_in: Tensor, bias: Tensor, time_steps: int) -> tuple[Tens
     return time_steps / theta_in, bias / theta_in
 
 
-def counted(x_mean: Tensor, scale: Tensor, offset: Tensor, levels: int, channel_dim: int = 1) -> Tensor:
-    """clamp(floor(mean(x) * scale + offset), 0, levels) per channel: spike_count with its factors given."""
+def counted(x_mean: Tensor, scale: Tensor, offset: Tensor, levels: int, channel_dim: int = 1,
+            inplace: bool = False) -> Tensor:
+    """clamp(floor(mean(x) * scale + offset), 0, levels) per channel: spike_count with its factors given.
+    `inplace`: computed in x_mean's memory (the same operations, so the same values)."""
     scale, offset = per_channel(scale, x_mean, channel_dim), per_channel(offset, x_mean, channel_dim)
-    return (x_mean * scale).add_(offset).floor_().clamp_(0, levels)
+    scaled = x_mean.mul_(scale) if inplace else x_mean * scale
+    return scaled.add_(offset).floor_().clamp_(0, levels)
 
 
 def population_biases(theta_in: Tensor, bias: Tensor, population: int) -> list[Tensor]:

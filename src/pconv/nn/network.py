@@ -63,7 +63,8 @@ def spiking_network(net: nn.Module, info: ConversionInfo, params: Mapping[str, N
             raise ConfigError(f"site {site.name} is a {site.activation} in the SNN description but "
                               f"{type(module).__name__} in the model", "use the calibration or file made for this model")
         theta_in, bias, theta_out = (t.to(device) for t in params[site.name])
-        return cls(theta_in, bias, theta_out, info.time_steps, populations[site.name])
+        inplace = bool(getattr(module, "inplace", False))  # the model's own choice for this activation
+        return cls(theta_in, bias, theta_out, info.time_steps, populations[site.name], inplace=inplace)
 
     try:
         swap_sites(net, info.sites, make)
@@ -145,7 +146,9 @@ class SpikingNetwork(nn.Module):
     def to_ann(self) -> nn.Module:
         """A copy of the source ANN: the same weights with the original activations back."""
         ann = copy.deepcopy(self.net)
-        unswap_sites(ann, self.info.sites, lambda site: _ACTIVATION_TYPES[site.activation]())
+        neurons = self.neurons()
+        unswap_sites(ann, self.info.sites,
+                     lambda site: _ACTIVATION_TYPES[site.activation](inplace=neurons[site.name].inplace))
         with torch.no_grad():
             for key, value in self.ann_weights.items():  # undo a layer refit
                 owner, _, leaf = key.rpartition(".")
@@ -162,7 +165,7 @@ class SpikingNetwork(nn.Module):
         net = copy.deepcopy(self.net)
 
         def rebuild(old: SpikingNeuron, site: Site) -> SpikingNeuron:
-            return cls(old.theta_in, old.bias, old.theta_out, old.time_steps, old.population)
+            return cls(old.theta_in, old.bias, old.theta_out, old.time_steps, old.population, inplace=old.inplace)
 
         swap_sites(net, self.info.sites, rebuild)
         info = copy.copy(self.info)

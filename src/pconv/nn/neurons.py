@@ -9,6 +9,10 @@ Engines (how a neuron sees time):
 A population (encoding sites, Site.population) is m neurons per channel that see the same input, with
 biases spread by theta_in/m; each spike carries theta_out/m and a channel's output at a step is the sum
 of its m neurons' spikes. The count hook sees every neuron's count, stacked: [m, B, ...].
+
+`inplace` is the flag of the activation a neuron replaced (timm builds most of its activations with
+inplace=True): where the model let that activation overwrite its input, the count engine does too, and saves
+allocating and filling a new activation map per site, which on a CPU costs more than its arithmetic.
 """
 
 from __future__ import annotations
@@ -52,10 +56,13 @@ class SpikingNeuron(nn.Module):
     engines: tuple[Engine, ...] = (Engine.COUNTS, Engine.SPIKES)
     type_name = ""
 
-    def __init__(self, theta_in: Tensor, bias: Tensor, theta_out: Tensor, time_steps: int, population: int = 1):
+    def __init__(self, theta_in: Tensor, bias: Tensor, theta_out: Tensor, time_steps: int, population: int = 1,
+                 inplace: bool = False):
         super().__init__()
         self.time_steps = int(time_steps)
         self.population = int(population)
+        #: the count engine may overwrite its input (as the activation it replaced did)
+        self.inplace = bool(inplace)
         self.register_buffer("theta_in", theta_in.detach().clone())
         self.register_buffer("bias", bias.detach().clone())
         self.register_buffer("theta_out", theta_out.detach().clone())
@@ -82,7 +89,8 @@ class SpikingNeuron(nn.Module):
 
     def extra_repr(self) -> str:
         pop = f", population={self.population}" if self.population > 1 else ""
-        return f"channels={self.theta_in.numel()}, T={self.time_steps}{pop}, engine={self.engine.value}"
+        inplace = ", inplace=True" if self.inplace else ""
+        return f"channels={self.theta_in.numel()}, T={self.time_steps}{pop}, engine={self.engine.value}{inplace}"
 
 
 @NEURONS.register("parallel")
@@ -101,7 +109,8 @@ class ParallelIF(SpikingNeuron):
                 fused = capturing_count(x, scale, offset, amplitude, T * m)
                 if fused is not None:
                     return fused
-            k = PF.counted(x, scale, offset, T * m)
+            # never in place on a tensor autograd may need (the activation's own in-place ops take the same care)
+            k = PF.counted(x, scale, offset, T * m, inplace=self.inplace and not x.requires_grad)
             if self.count_hook is not None:
                 self.count_hook(k, m)
                 return k * PF.per_channel(amplitude, k)
