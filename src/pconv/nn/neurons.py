@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..utils.registry import Registry
 from . import functional as PF
 from .count_kernel import capturing_count
+from .cpu_kernel import cpu_count
 
 NEURONS: Registry[Type["SpikingNeuron"]] = Registry("neuron")
 
@@ -105,12 +106,15 @@ class ParallelIF(SpikingNeuron):
         T, m = self.time_steps, self.population
         if self.engine is Engine.COUNTS:  # one pass, whatever the population (Hermite's identity)
             scale, offset, amplitude = self._count_factors()
-            if self.count_hook is None:  # one kernel instead of five passes inside a CUDA graph
+            # never in place on a tensor autograd may need (the activation's own in-place ops take the same care)
+            inplace = self.inplace and not x.requires_grad
+            if self.count_hook is None:  # one kernel instead of five passes: inside a CUDA graph, or on the CPU
                 fused = capturing_count(x, scale, offset, amplitude, T * m)
+                if fused is None and x.device.type == "cpu":
+                    fused = cpu_count(x, *(PF.per_channel(f, x) for f in (scale, offset, amplitude)), T * m, inplace)
                 if fused is not None:
                     return fused
-            # never in place on a tensor autograd may need (the activation's own in-place ops take the same care)
-            k = PF.counted(x, scale, offset, T * m, inplace=self.inplace and not x.requires_grad)
+            k = PF.counted(x, scale, offset, T * m, inplace=inplace)
             if self.count_hook is not None:
                 self.count_hook(k, m)
                 return k * PF.per_channel(amplitude, k)

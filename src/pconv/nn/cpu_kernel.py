@@ -1,0 +1,76 @@
+"""The count engine's neuron as one fused loop on the CPU.
+
+Per site the count engine computes amplitude * clamp(floor(x * scale + offset), 0, L), per channel: five
+elementwise passes in eager torch (multiply, add, floor, clamp, multiply) where the ANN runs one ReLU6. On
+EfficientNet-Lite0 at batch 16, one CPU thread, the passes took about 9 % of the count engine's time against 2 %
+for the ANN's activations, enough to keep it above 1.15x the ANN's time (docs/benchmarks.md).
+
+torch.compile's C++ backend (inductor) turns the five into one loop that reads and writes each value once.
+It is told to compile with -ffp-contract=off (its default): multiply and add are not contracted into a fused
+multiply-add, so every operation rounds as torch's own kernels do and the counts are functional.counted's, bit
+for bit (tests/nn/test_cpu_kernel.py). Not written by hand: a C++ extension would need a compiler when pconv is
+installed; inductor needs one (g++ on Linux) only when it compiles, and where it cannot, torch's passes run.
+
+One compilation with dynamic shapes serves every site whose input has the same rank, dtype and layout (any
+batch, channel count, map size and level count); the first takes 5-15 s on a CPU, and inductor caches it on
+disk for later processes. Only maps of at least MIN_ELEMENTS values use it: below that a compiled call's
+checks cost more than the five passes. A failure to compile turns it off for the process; the environment
+variable PCONV_CPU_KERNEL=0 turns it off from the start.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+#: smallest activation map (values) the fused loop is used for
+MIN_ELEMENTS = 1 << 16
+_enabled = os.environ.get("PCONV_CPU_KERNEL", "1") != "0"
+
+
+def _count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor, levels: int) -> Tensor:
+    return (x * scale).add_(offset).floor_().clamp_(0, levels).mul_(amplitude)
+
+
+def _count_in_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor, levels: int) -> Tensor:
+    return x.mul_(scale).add_(offset).floor_().clamp_(0, levels).mul_(amplitude)
+
+
+@functools.cache
+def _compiled(in_place: bool):
+    # compile_threads=1: one small kernel does not pay for a pool of compiler processes; no contracted
+    # multiply-add whatever the environment says (TORCHINDUCTOR_CPP_ENABLE_FLOATING_POINT_CONTRACT_FLAG)
+    options = {"compile_threads": 1, "cpp.enable_floating_point_contract_flag": "off"}
+    return torch.compile(_count_in_place if in_place else _count, dynamic=True, options=options)
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def cpu_count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor, levels: int,
+              in_place: bool = False) -> Tensor | None:
+    """amplitude * clamp(floor(x * scale + offset), 0, levels) with the factors shaped to broadcast against x
+    (functional.per_channel), in one loop, in x's memory if `in_place`; None where it does not apply (not a
+    float32 CPU map of MIN_ELEMENTS values or more, under torch.compile, autograd, or turned off): the caller
+    runs torch's passes."""
+    global _enabled
+    if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() < MIN_ELEMENTS:
+        return None
+    if torch.compiler.is_compiling() or x.requires_grad or any(p.dtype != x.dtype for p in (scale, offset, amplitude)):
+        return None  # (torch.compile fuses the passes itself)
+    # torch's C++ builder warns on stderr that a CUDA build finds no CUDA runtime; nothing the user can act on
+    builder_log = logging.getLogger("torch.utils.cpp_extension")
+    level = builder_log.level
+    builder_log.setLevel(logging.ERROR)
+    try:
+        return _compiled(in_place)(x, scale, offset, amplitude, levels)
+    except Exception:  # no compiler, or one inductor cannot use: torch's passes from now on
+        _enabled = False
+        return None
+    finally:
+        builder_log.setLevel(level)

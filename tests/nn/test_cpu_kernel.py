@@ -1,0 +1,112 @@
+"""The count engine's fused CPU loop (nn/cpu_kernel.py): its result must be torch's five passes', bit for bit, in
+the input's memory exactly when asked, and the count engine must use it on large CPU maps. Its speed is
+measured by `pconv bench` (docs/benchmarks.md)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nets
+import pconv
+from pconv.nn import cpu_kernel
+from pconv.nn import functional as PF
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.enabled(), reason="PCONV_CPU_KERNEL=0 turns the fused loop off")
+
+
+def torch_passes(x, scale, offset, amplitude, levels):
+    k = PF.counted(x, scale, offset, levels)
+    return k * PF.per_channel(amplitude, k)
+
+
+def factors(channels, levels, g):
+    scale = torch.rand(channels, generator=g) * levels + 0.5
+    offset = torch.rand(channels, generator=g) - 0.5
+    return scale, offset, torch.rand(channels, generator=g) + 0.1
+
+
+def fused(x, scale, offset, amplitude, levels, in_place):
+    shaped = (PF.per_channel(f, x) for f in (scale, offset, amplitude))
+    out = cpu_kernel.cpu_count(x, *shaped, levels, in_place)
+    if out is None:
+        pytest.skip("inductor could not compile the fused loop here (no C++ compiler?)")
+    return out
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_fused_loop_is_torch_passes_bit_for_bit(in_place):
+    g = torch.Generator().manual_seed(0)
+    cases = [((4, 16, 40, 40), False), ((4, 16, 40, 40), True), ((600, 128), False), ((8, 24, 400), False)]
+    for shape, channels_last in cases:
+        for levels in (8, 48, 96):  # one neuron at T=8; populations of 6 and 3 at T=8 and 32
+            scale, offset, amplitude = factors(shape[1], levels, g)
+            x = torch.randn(*shape, generator=g) * 3
+            # a quarter of the values on a level boundary, where a contracted multiply-add would round differently
+            grid = (torch.randint(-2, levels + 2, shape, generator=g) - PF.per_channel(offset, x)) / PF.per_channel(scale, x)
+            x = torch.where(torch.rand(shape, generator=g) < 0.25, grid, x)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            want = torch_passes(x, scale, offset, amplitude, levels)
+            given = x.clone(memory_format=torch.preserve_format)
+            got = fused(given, scale, offset, amplitude, levels, in_place)
+            assert torch.equal(got, want), (shape, channels_last, levels)
+            assert (got.data_ptr() == given.data_ptr()) == in_place
+            assert torch.equal(given, want if in_place else x)
+
+
+def test_small_maps_other_dtypes_and_autograd_take_torch_passes():
+    g = torch.Generator().manual_seed(1)
+    scale, offset, amplitude = (PF.per_channel(f, torch.empty(1, 8, 1, 1)) for f in factors(8, 8, g))
+    small = torch.randn(2, 8, 4, 4)
+    assert cpu_kernel.cpu_count(small, scale, offset, amplitude, 8) is None
+    large = torch.randn(8, 8, 64, 64, dtype=torch.float64)
+    assert cpu_kernel.cpu_count(large, scale.double(), offset.double(), amplitude.double(), 8) is None
+    assert cpu_kernel.cpu_count(large.float().requires_grad_(), scale, offset, amplitude, 8) is None
+
+
+def test_count_engine_uses_it_and_gives_the_passes_result(monkeypatch):
+    model = nets.vgg_small()
+    images = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
+    snn = pconv.convert(model, pconv.calibrate(model, images, time_steps=[4], method="none"), time_steps=4)
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # 64*16*32*32 values at the first site
+    with torch.inference_mode():
+        monkeypatch.setattr(cpu_kernel, "_enabled", False)
+        want = snn(x)
+        monkeypatch.setattr(cpu_kernel, "_enabled", True)
+        calls = []
+        real = cpu_kernel.cpu_count
+
+        def counting(*args):
+            out = real(*args)
+            calls.append(out is not None)
+            return out
+
+        monkeypatch.setattr("pconv.nn.neurons.cpu_count", counting)
+        got = snn(x)
+    if not any(calls):
+        pytest.skip("inductor could not compile the fused loop here (no C++ compiler?)")
+    assert torch.equal(got, want)
+    assert calls[0]  # the first site's map is large enough
+
+
+def test_a_failed_compilation_turns_it_off(monkeypatch):
+    def failing(in_place):
+        def run(*args):
+            raise RuntimeError("no compiler")
+        return run
+
+    monkeypatch.setattr(cpu_kernel, "_compiled", failing)
+    monkeypatch.setattr(cpu_kernel, "_enabled", True)
+    x = torch.randn(8, 8, 64, 64)
+    ones = torch.ones(1, 8, 1, 1)
+    assert cpu_kernel.cpu_count(x, ones, ones, ones, 8) is None
+    assert not cpu_kernel.enabled()
+
+
+def test_the_environment_turns_it_off():
+    code = "from pconv.nn import cpu_kernel; print(cpu_kernel.enabled())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PCONV_CPU_KERNEL": "0", "PATH": ""}).stdout
+    assert out.strip() == "False"
