@@ -110,3 +110,25 @@ def test_bench_times_the_images_of_a_folder(snn_file, tmp_path, monkeypatch):
                                      "--json"])
     assert small.exit_code == 0, small.stderr
     assert json.loads(small.stdout)["inputs"] == f"{folder}: 6 images"
+
+
+def test_engines_alternate_which_runs_first(monkeypatch):
+    from pconv.measure import benchmark as bm
+
+    snn = pconv.convert(nets.vgg_small(), [torch.randn(8, 3, 32, 32)], time_steps=4)
+    order = []
+    real = bm._runners
+
+    def tagged(snn, engines):
+        runners = real(snn, engines)
+        for engine, module in runners.items():
+            module.register_forward_pre_hook(lambda m, i, e=engine: order.append((e, i[0].shape[0])))
+        return runners
+
+    monkeypatch.setattr(bm, "_runners", tagged)
+    config = BenchConfig(batch_size=2, engines=("ann", "counts"), iters=1, latency_iters=1, warmup=0, rounds=3)
+    benchmark(snn, (3, 32, 32), config)
+    batch_calls = [engine for engine, batch in order if batch == 2][:10]  # the three rounds' (and peak memory's)
+    # round 1 without warm-up: ann, counts; round 2 reversed, one warm-up call each: counts ×2, ann ×2; round 3
+    # in the first order again: ann ×2, counts ×2
+    assert batch_calls == ["ann", "counts"] + ["counts"] * 2 + ["ann"] * 2 + ["ann"] * 2 + ["counts"] * 2

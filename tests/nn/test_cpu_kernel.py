@@ -38,7 +38,8 @@ def fused(x, scale, offset, amplitude, levels, in_place):
 @pytest.mark.parametrize("in_place", [False, True])
 def test_fused_loop_is_torch_passes_bit_for_bit(in_place):
     g = torch.Generator().manual_seed(0)
-    cases = [((4, 16, 40, 40), False), ((4, 16, 40, 40), True), ((600, 128), False), ((8, 24, 400), False)]
+    cases = [((4, 16, 96, 96), False), ((4, 16, 96, 96), True), ((4200, 128), False), ((8, 24, 2800), False)]
+    assert all(torch.Size(shape).numel() >= cpu_kernel.MIN_ELEMENTS for shape, _ in cases)
     for shape, channels_last in cases:
         for levels in (8, 48, 96):  # one neuron at T=8; populations of 6 and 3 at T=8 and 32
             scale, offset, amplitude = factors(shape[1], levels, g)
@@ -61,7 +62,7 @@ def test_small_maps_other_dtypes_and_autograd_take_torch_passes():
     scale, offset, amplitude = (PF.per_channel(f, torch.empty(1, 8, 1, 1)) for f in factors(8, 8, g))
     small = torch.randn(2, 8, 4, 4)
     assert cpu_kernel.cpu_count(small, scale, offset, amplitude, 8) is None
-    large = torch.randn(8, 8, 64, 64, dtype=torch.float64)
+    large = torch.randn(8, 8, 128, 128, dtype=torch.float64)
     assert cpu_kernel.cpu_count(large, scale.double(), offset.double(), amplitude.double(), 8) is None
     assert cpu_kernel.cpu_count(large.float().requires_grad_(), scale, offset, amplitude, 8) is None
 
@@ -71,6 +72,7 @@ def test_count_engine_uses_it_and_gives_the_passes_result(monkeypatch):
     images = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
     snn = pconv.convert(model, pconv.calibrate(model, images, time_steps=[4], method="none"), time_steps=4)
     x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # 64*16*32*32 values at the first site
+    assert 64 * 16 * 32 * 32 >= cpu_kernel.MIN_ELEMENTS
     with torch.inference_mode():
         monkeypatch.setattr(cpu_kernel, "_enabled", False)
         want = snn(x)
@@ -99,7 +101,7 @@ def test_a_failed_compilation_turns_it_off(monkeypatch):
 
     monkeypatch.setattr(cpu_kernel, "_compiled", failing)
     monkeypatch.setattr(cpu_kernel, "_enabled", True)
-    x = torch.randn(8, 8, 64, 64)
+    x = torch.randn(8, 8, 128, 128)
     ones = torch.ones(1, 8, 1, 1)
     assert cpu_kernel.cpu_count(x, ones, ones, ones, 8) is None
     assert not cpu_kernel.enabled()

@@ -179,12 +179,13 @@ def _prepare(snn: SpikingNetwork, config: BenchConfig, x: Tensor, one: Tensor) -
 def _time_rounds(prepared: list[tuple], config: BenchConfig, x: Tensor, one: Tensor,
                  progress: Callable[[str], None] | None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Engines take turns for `rounds` rounds: a burst of load on a shared machine then spoils one round of
-    every engine instead of all rounds of one engine."""
+    every engine instead of all rounds of one engine. Every other round runs them in reverse order, so that no
+    engine always runs first (after a pause) or right after another's batch-1 calls."""
     steps: dict[str, list[float]] = {engine: [] for engine, *_ in prepared}
     latencies: dict[str, list[float]] = {engine: [] for engine, *_ in prepared}
     for round_index in range(config.rounds):
         warmup = config.warmup if round_index == 0 else 1
-        for engine, module, plain, batch_fn, one_fn in prepared:
+        for engine, module, plain, batch_fn, one_fn in (prepared if round_index % 2 == 0 else prepared[::-1]):
             if progress and round_index == 0:
                 progress(engine)
             steps[engine].append(time_calls(batch_fn, x, warmup, config.iters))
