@@ -28,8 +28,7 @@ def factors(channels, levels, g):
 
 
 def fused(x, scale, offset, amplitude, levels, in_place):
-    shaped = (PF.per_channel(f, x) for f in (scale, offset, amplitude))
-    out = cpu_kernel.cpu_count(x, *shaped, levels, in_place)
+    out = cpu_kernel.cpu_count(x, scale, offset, amplitude, levels, in_place)
     if out is None:
         pytest.skip("inductor could not compile the fused loop here (no C++ compiler?)")
     return out
@@ -59,7 +58,7 @@ def test_fused_loop_is_torch_passes_bit_for_bit(in_place):
 
 def test_small_maps_other_dtypes_and_autograd_take_torch_passes():
     g = torch.Generator().manual_seed(1)
-    scale, offset, amplitude = (PF.per_channel(f, torch.empty(1, 8, 1, 1)) for f in factors(8, 8, g))
+    scale, offset, amplitude = factors(8, 8, g)
     small = torch.randn(2, 8, 4, 4)
     assert cpu_kernel.cpu_count(small, scale, offset, amplitude, 8) is None
     large = torch.randn(8, 8, 128, 128, dtype=torch.float64)
@@ -102,7 +101,7 @@ def test_a_failed_compilation_turns_it_off(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_compiled", failing)
     monkeypatch.setattr(cpu_kernel, "_enabled", True)
     x = torch.randn(8, 8, 128, 128)
-    ones = torch.ones(1, 8, 1, 1)
+    ones = torch.ones(8)
     assert cpu_kernel.cpu_count(x, ones, ones, ones, 8) is None
     assert not cpu_kernel.enabled()
 

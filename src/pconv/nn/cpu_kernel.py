@@ -20,12 +20,15 @@ variable PCONV_CPU_KERNEL=0 turns it off from the start.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 
 import torch
 from torch import Tensor
+
+from .functional import per_channel
 
 #: smallest activation map (values) the fused loop is used for: a compiled call costs about 80 us before it
 #: computes anything (its guards), which the five passes' time exceeds from about 350,000 values on the 2-core
@@ -56,23 +59,39 @@ def enabled() -> bool:
 
 def cpu_count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor, levels: int,
               in_place: bool = False) -> Tensor | None:
-    """amplitude * clamp(floor(x * scale + offset), 0, levels) with the factors shaped to broadcast against x
-    (functional.per_channel), in one loop, in x's memory if `in_place`; None where it does not apply (not a
-    float32 CPU map of MIN_ELEMENTS values or more, under torch.compile, autograd, or turned off): the caller
-    runs torch's passes."""
+    """amplitude * clamp(floor(x * scale + offset), 0, levels) with per-channel [C] factors (channels on dim 1),
+    in one loop, in x's memory if `in_place`; None where it does not apply (not a float32 CPU map of
+    MIN_ELEMENTS values or more, under torch.compile, autograd, or turned off): the caller runs torch's passes."""
     global _enabled
     if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() < MIN_ELEMENTS:
         return None
     if torch.compiler.is_compiling() or x.requires_grad or any(p.dtype != x.dtype for p in (scale, offset, amplitude)):
         return None  # (torch.compile fuses the passes itself)
-    # torch's C++ builder warns on stderr that a CUDA build finds no CUDA runtime; nothing the user can act on
-    builder_log = logging.getLogger("torch.utils.cpp_extension")
-    level = builder_log.level
-    builder_log.setLevel(logging.ERROR)
+    scale, offset, amplitude = (per_channel(f, x) for f in (scale, offset, amplitude))
     try:
-        return _compiled(in_place)(x, scale, offset, amplitude, levels)
-    except Exception:  # no compiler, or one inductor cannot use: torch's passes from now on
+        with _quiet_builder():
+            return _compiled(in_place)(x, scale, offset, amplitude, levels)
+    except Exception:  # compiling failed (no compiler, or one inductor cannot use): torch's passes from now on
         _enabled = False
         return None
+
+
+_builder_imported = False
+
+
+@contextlib.contextmanager
+def _quiet_builder():
+    """While torch's C++ builder is first imported, its warning that a CUDA build finds no CUDA runtime (nothing
+    a user can act on) stays off stderr. Only then: setting a logger's level costs more than a small site."""
+    global _builder_imported
+    if _builder_imported:
+        yield
+        return
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+        _builder_imported = True
     finally:
-        builder_log.setLevel(level)
+        log.setLevel(level)

@@ -111,7 +111,7 @@ class ParallelIF(SpikingNeuron):
             if self.count_hook is None:  # one kernel instead of five passes: inside a CUDA graph, or on the CPU
                 fused = capturing_count(x, scale, offset, amplitude, T * m)
                 if fused is None and x.device.type == "cpu":
-                    fused = cpu_count(x, *(PF.per_channel(f, x) for f in (scale, offset, amplitude)), T * m, inplace)
+                    fused = cpu_count(x, scale, offset, amplitude, T * m, inplace)
                 if fused is not None:
                     return fused
             k = PF.counted(x, scale, offset, T * m, inplace=inplace)
