@@ -28,7 +28,7 @@ import os
 import torch
 from torch import Tensor
 
-from .functional import per_channel
+from .functional import counted, per_channel
 
 #: smallest activation map (values) the fused loop is used for: a compiled call costs about 80 us before it
 #: computes anything (its guards), which the five passes' time exceeds from about 350,000 values on the 2-core
@@ -37,20 +37,18 @@ MIN_ELEMENTS = 1 << 19
 _enabled = os.environ.get("PCONV_CPU_KERNEL", "1") != "0"
 
 
-def _count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor, levels: int) -> Tensor:
-    return (x * scale).add_(offset).floor_().clamp_(0, levels).mul_(amplitude)
-
-
-def _count_in_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor, levels: int) -> Tensor:
-    return x.mul_(scale).add_(offset).floor_().clamp_(0, levels).mul_(amplitude)
+def _count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor, levels: int, in_place: bool) -> Tensor:
+    """The count engine's eager formula itself (functional.counted, times the amplitude): compiled as it is."""
+    k = counted(x, scale, offset, levels, inplace=in_place)
+    return k.mul_(per_channel(amplitude, k))
 
 
 @functools.cache
-def _compiled(in_place: bool):
+def _compiled():
     # compile_threads=1: one small kernel does not pay for a pool of compiler processes; no contracted
     # multiply-add whatever the environment says (TORCHINDUCTOR_CPP_ENABLE_FLOATING_POINT_CONTRACT_FLAG)
     options = {"compile_threads": 1, "cpp.enable_floating_point_contract_flag": "off"}
-    return torch.compile(_count_in_place if in_place else _count, dynamic=True, options=options)
+    return torch.compile(_count, dynamic=True, options=options)
 
 
 def enabled() -> bool:
@@ -67,10 +65,9 @@ def cpu_count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor, level
         return None
     if torch.compiler.is_compiling() or x.requires_grad or any(p.dtype != x.dtype for p in (scale, offset, amplitude)):
         return None  # (torch.compile fuses the passes itself)
-    scale, offset, amplitude = (per_channel(f, x) for f in (scale, offset, amplitude))
     try:
         with _quiet_builder():
-            return _compiled(in_place)(x, scale, offset, amplitude, levels)
+            return _compiled()(x, scale, offset, amplitude, levels, in_place)
     except Exception:  # compiling failed (no compiler, or one inductor cannot use): torch's passes from now on
         _enabled = False
         return None
