@@ -111,3 +111,27 @@ def test_the_environment_turns_it_off():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PCONV_CPU_KERNEL": "0", "PATH": ""}).stdout
     assert out.strip() == "False"
+
+
+def test_with_a_count_hook_it_gives_the_counts_then_the_amplitude(monkeypatch):
+    model = nets.vgg_small()
+    images = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
+    snn = pconv.convert(model, pconv.calibrate(model, images, time_steps=[8], method="none"), time_steps=8)
+    neuron = next(iter(snn.neurons().values()))
+    x = torch.randn(64, neuron.theta_in.numel(), 32, 32, generator=torch.Generator().manual_seed(3)) * 2
+    seen = []
+    neuron.count_hook = lambda k, m: seen.append(k.clone())
+    results = []
+    with torch.inference_mode():
+        for enabled in (False, True):
+            monkeypatch.setattr(cpu_kernel, "_enabled", enabled)
+            results.append(neuron(x.clone()))
+    if not cpu_kernel.enabled():
+        pytest.skip("inductor could not compile the fused loop here (no C++ compiler?)")
+    assert torch.equal(seen[0], seen[1]) and torch.equal(results[0], results[1])
+    assert seen[1].max() > 1 and torch.equal(seen[1], seen[1].round())  # counts, not amplitudes
+    calls = []
+    monkeypatch.setattr("pconv.nn.neurons.cpu_count", lambda *a: calls.append(a[3]) or cpu_kernel.cpu_count(*a))
+    with torch.inference_mode():
+        neuron(x.clone())
+    assert calls == [None]  # asked for the counts alone

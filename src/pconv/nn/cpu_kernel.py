@@ -37,10 +37,10 @@ MIN_ELEMENTS = 1 << 19
 _enabled = os.environ.get("PCONV_CPU_KERNEL", "1") != "0"
 
 
-def _count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor, levels: int, in_place: bool) -> Tensor:
+def _count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, levels: int, in_place: bool) -> Tensor:
     """The count engine's eager formula itself (functional.counted, times the amplitude): compiled as it is."""
     k = counted(x, scale, offset, levels, inplace=in_place)
-    return k.mul_(per_channel(amplitude, k))
+    return k if amplitude is None else k.mul_(per_channel(amplitude, k))
 
 
 @functools.cache
@@ -55,15 +55,17 @@ def enabled() -> bool:
     return _enabled
 
 
-def cpu_count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor, levels: int,
+def cpu_count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, levels: int,
               in_place: bool = False) -> Tensor | None:
     """amplitude * clamp(floor(x * scale + offset), 0, levels) with per-channel [C] factors (channels on dim 1),
-    in one loop, in x's memory if `in_place`; None where it does not apply (not a float32 CPU map of
-    MIN_ELEMENTS values or more, under torch.compile, autograd, or turned off): the caller runs torch's passes."""
+    in one loop, in x's memory if `in_place` (amplitude None: the counts alone, for a count hook); None where it
+    does not apply (not a float32 CPU map of MIN_ELEMENTS values or more, under torch.compile, autograd, or turned
+    off): the caller runs torch's passes."""
     global _enabled
     if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() < MIN_ELEMENTS:
         return None
-    if torch.compiler.is_compiling() or x.requires_grad or any(p.dtype != x.dtype for p in (scale, offset, amplitude)):
+    factors = (scale, offset) if amplitude is None else (scale, offset, amplitude)
+    if torch.compiler.is_compiling() or x.requires_grad or any(p.dtype != x.dtype for p in factors):
         return None  # (torch.compile fuses the passes itself)
     try:
         with _quiet_builder():

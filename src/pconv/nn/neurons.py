@@ -114,8 +114,11 @@ class ParallelIF(SpikingNeuron):
                     fused = cpu_count(x, scale, offset, amplitude, T * m, inplace)
                 if fused is not None:
                     return fused
-            k = PF.counted(x, scale, offset, T * m, inplace=inplace)
-            if self.count_hook is not None:
+                k = PF.counted(x, scale, offset, T * m, inplace=inplace)
+            else:  # the hook needs the counts themselves: fused on the CPU up to them, the amplitude after
+                k = cpu_count(x, scale, offset, None, T * m, inplace) if x.device.type == "cpu" else None
+                if k is None:
+                    k = PF.counted(x, scale, offset, T * m, inplace=inplace)
                 self.count_hook(k, m)
                 return k * PF.per_channel(amplitude, k)
             return k.mul_(PF.per_channel(amplitude, k))
