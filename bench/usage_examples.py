@@ -92,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.workdir.resolve()
     for stale in ("resnet20-calib.safetensors", "resnet20-T8.safetensors", "resnet20-T16.safetensors",
-                  "resnet20-recon-T8.safetensors"):
+                  "resnet20-recon-T8.safetensors", "resnet20-recon-T8.png"):
         (work / stale).unlink(missing_ok=True)
     prepare(work)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
