@@ -60,3 +60,33 @@ def test_never_in_place_on_a_tensor_autograd_needs():
     before = x.detach().clone()
     out = neuron(x)
     assert torch.equal(x.detach(), before) and out.data_ptr() != x.data_ptr()
+
+
+def test_eval_gives_each_network_its_own_batch_when_the_first_activation_overwrites_the_image():
+    from pconv.measure.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(inplace=True),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    images = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))]
+    calibration = pconv.calibrate(model, images, time_steps=[4], method="none", population_budget=0)
+    snn = pconv.convert(model, calibration, time_steps=4)
+    assert all(n.inplace for n in snn.neurons().values())
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(2)]
+    copies = [(x.clone(), y) for x, y in batches]
+    result = evaluate(snn, batches, sop_images=0)
+    assert all(torch.equal(x, c) for (x, _), (c, _) in zip(batches, copies))  # the caller's images untouched
+    for n in snn.neurons().values():
+        n.inplace = False
+    plain = evaluate(snn, copies, ann=_out_of_place_ann(snn), sop_images=0)
+    assert (result.top1, result.top1_agreement, result.mean_firing_rate) == \
+        (plain.top1, plain.top1_agreement, plain.mean_firing_rate)
+
+
+def _out_of_place_ann(snn):
+    ann = snn.to_ann()
+    for m in ann.modules():
+        if isinstance(m, torch.nn.ReLU):
+            m.inplace = False
+    return ann

@@ -203,13 +203,16 @@ def _run(snn: SpikingNetwork, ann_model: nn.Module | None, data: Iterable,
             if tally.batches == 0:
                 batch_size, layers = x.shape[0], layer_costs(snn, x[:1])
                 if warmup:
-                    snn(x)
+                    snn(x.clone())
                     if ann_model is not None:
-                        ann_model(x)
+                        ann_model(x.clone())
                 spikes.counting = True
+            # each network gets its own copy of the batch: one whose first activation works in place (the model's
+            # choice, which its neurons and to_ann keep) overwrites its input
+            snn_input = x.clone()
             with watches[0]:
-                steps = None if engine is Engine.COUNTS else snn.forward_steps(x)
-                out = snn(x) if steps is None else steps.mean(dim=0)
+                steps = None if engine is Engine.COUNTS else snn.forward_steps(snn_input)
+                out = snn(snn_input) if steps is None else steps.mean(dim=0)
             if steps is None and step_curve:  # untimed, and without counting its spikes twice
                 spikes.counting = False
                 snn.set_engine(Engine.SPIKES)
@@ -218,8 +221,9 @@ def _run(snn: SpikingNetwork, ann_model: nn.Module | None, data: Iterable,
                 spikes.counting = True
             ref = None
             if ann_model is not None:
+                ann_input = x.clone()
                 with watches[1]:
-                    ref = ann_model(x)
+                    ref = ann_model(ann_input)
             tally.add(out, y, ref, steps)
             taken = sum(t.shape[0] for t in kept)
             if taken < sop_images:
