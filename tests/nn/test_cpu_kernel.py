@@ -93,7 +93,7 @@ def test_count_engine_uses_it_and_gives_the_passes_result(monkeypatch):
 
 
 def test_a_failed_compilation_turns_it_off(monkeypatch):
-    def failing():
+    def failing(in_place, with_amplitude):
         def run(*args):
             raise RuntimeError("no compiler")
         return run

@@ -43,12 +43,35 @@ def _count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, l
     return k if amplitude is None else k.mul_(per_channel(amplitude, k))
 
 
+# One entry point per (in place, with the amplitude): torch.compile keeps its compilations per function, at most
+# torch._dynamo.config.recompile_limit (8) of them, and the variants each of these meets (layouts, ranks, grad
+# modes) then stay well within that limit.
+def _out_of_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, levels: int) -> Tensor:
+    return _count(x, scale, offset, amplitude, levels, False)
+
+
+def _in_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, levels: int) -> Tensor:
+    return _count(x, scale, offset, amplitude, levels, True)
+
+
+def _counts_out_of_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: None, levels: int) -> Tensor:
+    return _count(x, scale, offset, None, levels, False)
+
+
+def _counts_in_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: None, levels: int) -> Tensor:
+    return _count(x, scale, offset, None, levels, True)
+
+
+_ENTRY_POINTS = {(False, True): _out_of_place, (True, True): _in_place,
+                 (False, False): _counts_out_of_place, (True, False): _counts_in_place}
+
+
 @functools.cache
-def _compiled():
+def _compiled(in_place: bool, with_amplitude: bool):
     # compile_threads=1: one small kernel does not pay for a pool of compiler processes; no contracted
     # multiply-add whatever the environment says (TORCHINDUCTOR_CPP_ENABLE_FLOATING_POINT_CONTRACT_FLAG)
     options = {"compile_threads": 1, "cpp.enable_floating_point_contract_flag": "off"}
-    return torch.compile(_count, dynamic=True, options=options)
+    return torch.compile(_ENTRY_POINTS[in_place, with_amplitude], dynamic=True, options=options)
 
 
 def enabled() -> bool:
@@ -69,7 +92,7 @@ def cpu_count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None
         return None  # (torch.compile fuses the passes itself)
     try:
         with _quiet_builder():
-            return _compiled()(x, scale, offset, amplitude, levels, in_place)
+            return _compiled(in_place, amplitude is not None)(x, scale, offset, amplitude, levels)
     except Exception:  # compiling failed (no compiler, or one inductor cannot use): torch's passes from now on
         _enabled = False
         return None
