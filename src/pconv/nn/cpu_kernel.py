@@ -43,9 +43,9 @@ def _count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, l
     return k if amplitude is None else k.mul_(per_channel(amplitude, k))
 
 
-# One entry point per (in place, with the amplitude): torch.compile keeps its compilations per function, at most
-# torch._dynamo.config.recompile_limit (8) of them, and the variants each of these meets (layouts, ranks, grad
-# modes) then stay well within that limit.
+# One entry point per (in place, with the amplitude), each its own `def`: torch.compile keeps its compilations per
+# code object (a closure made by a factory would share one), at most torch._dynamo.config.recompile_limit (8) of
+# them, and the variants each of these meets (layouts, ranks, grad modes) then stay well within that limit.
 def _out_of_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, levels: int) -> Tensor:
     return _count(x, scale, offset, amplitude, levels, False)
 

@@ -110,13 +110,13 @@ class ParallelIF(SpikingNeuron):
             inplace = self.inplace and not x.requires_grad
             if self.count_hook is None:  # one kernel instead of five passes: inside a CUDA graph, or on the CPU
                 fused = capturing_count(x, scale, offset, amplitude, T * m)
-                if fused is None and x.device.type == "cpu":
+                if fused is None:
                     fused = cpu_count(x, scale, offset, amplitude, T * m, inplace)
                 if fused is not None:
                     return fused
                 k = PF.counted(x, scale, offset, T * m, inplace=inplace)
             else:  # the hook needs the counts themselves: fused on the CPU up to them, the amplitude after
-                k = cpu_count(x, scale, offset, None, T * m, inplace) if x.device.type == "cpu" else None
+                k = cpu_count(x, scale, offset, None, T * m, inplace)
                 if k is None:
                     k = PF.counted(x, scale, offset, T * m, inplace=inplace)
                 self.count_hook(k, m)
