@@ -90,3 +90,12 @@ def _out_of_place_ann(snn):
         if isinstance(m, torch.nn.ReLU):
             m.inplace = False
     return ann
+
+
+def test_the_default_calibration_takes_a_model_whose_first_activation_overwrites_the_image():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(inplace=True),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    images = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))]
+    calibration = pconv.calibrate(model, images, time_steps=[4], method="none")  # the budget's sensitivity pass
+    assert calibration.config.population_budget > 0

@@ -77,7 +77,7 @@ class _Sensitivity:
         try:
             with torch.enable_grad():
                 x = x.to(self.device).detach().requires_grad_(True)  # every site output joins the graph
-                logits = self.model(x)
+                logits = self.model(x.clone())  # a copy: a first activation in place may not write into a leaf
                 own = logits.argmax(dim=1, keepdim=True)  # the ANN's prediction stands in for a label
                 log_prob = logits.log_softmax(dim=1).gather(1, own).sum()
                 outputs = [captured[s.name][1] for s in self.sites]
