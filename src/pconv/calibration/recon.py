@@ -346,24 +346,25 @@ def _output(qnet: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Bloc
 
 @contextlib.contextmanager
 def _dropping(sites: list[QCFS], keys: list[bytes], salt: str, drop: float) -> Iterator[None]:
-    """While open, each site's output (a batch of the images `keys`, in order) takes the unrounded value
-    (PF.qcfs_relaxed) where the image's own uniform draws fall below `drop`: each image's generator is seeded by
-    its key and `salt` and read site after site in execution order, so an image's draws do not depend on the
-    images batched with it."""
+    """While open, each site's output (a batch of the images `keys`, in order; the site in STE mode) takes the
+    unrounded value (PF.qcfs_relaxed) where the image's own uniform draws fall below `drop`: each image's
+    generator is seeded by its key and `salt` and read site after site in execution order, so an image's draws
+    do not depend on the images batched with it."""
     generators = [image_generator(key, salt) for key in keys]
 
-    def mix(site: QCFS, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
+    def draw(site: QCFS, inputs: tuple[Tensor, ...]) -> None:
         x = inputs[0]
-        draws = torch.stack([torch.rand(out.shape[1:], generator=g) for g in generators]).to(out.device)
-        relaxed = PF.qcfs_relaxed(x, site.theta, site.delta_in, site.delta_out, site.resolution)
-        return torch.where(draws < drop, relaxed.to(out.dtype), out)
+        draws = torch.stack([torch.rand(x.shape[1:], generator=g) for g in generators]).to(x.device)
+        site.relaxed = draws < drop
 
-    handles = [site.register_forward_hook(mix) for site in sites] if drop > 0 else []
+    handles = [site.register_forward_pre_hook(draw) for site in sites] if drop > 0 else []
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for site in sites:
+            site.relaxed = None
 
 
 def _block_error(qnet: nn.Module, pair: tuple[Block, Block], after: tuple[Block, Block] | None,

@@ -122,15 +122,67 @@ def qcfs(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, levels: 
 
 
 def qcfs_straight_through(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, levels: int,
-                          channel_dim: int = 1) -> Tensor:
+                          channel_dim: int = 1, relaxed: Tensor | None = None) -> Tensor:
     """DA-QCFS with L = `levels` (m*T for a population), differentiable: clamp(floor(u), 0, L) is computed as
     floor(clamp(u, 0, L)) (the same integers), the clamp's gradient 1 inside [0, L] and the floor's taken as 1
     (the straight-through estimator, as LSQ does), so inputs that round to level 0 still pass a gradient. Its
-    values are QCFS's up to rounding; only calibration by gradient descent uses it, never an SNN."""
-    t, d_in, d_out = (per_channel(p, x, channel_dim) for p in (theta, delta_in, delta_out))
-    u = (levels * (x + d_in) / t + PHI).clamp(0, levels)
-    k = u + (torch.floor(u) - u).detach()
-    return k * ((t + d_out) / levels)
+    values are QCFS's up to rounding; only calibration by gradient descent uses it, never an SNN.
+
+    `relaxed` (a bool mask broadcasting against x): where True, the value is qcfs_relaxed's instead, the
+    unrounded one (recon's QDrop), with that function's gradient."""
+    return _StraightThrough.apply(x, theta, delta_in, delta_out, levels, channel_dim, relaxed)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """qcfs_straight_through with its gradient written out. The same formula through autograd records every
+    elementwise step and differentiates each one over the whole activation map (about twenty passes over it
+    per site and step, half of recon's time on EfficientNet-Lite0's large early maps); by hand the backward
+    needs a masked gradient and three sums per channel. tests/nn/test_straight_through.py holds both
+    directions to autograd's on the formula itself."""
+
+    @staticmethod
+    def forward(ctx, x, theta, delta_in, delta_out, levels, channel_dim, relaxed):
+        t, d_in, d_out = (per_channel(p, x, channel_dim) for p in (theta, delta_in, delta_out))
+        v = (x + d_in).mul_(levels).div_(t)  # L*(x + delta_in)/theta, rounded as the formula is
+        u = v + PHI
+        z = u.clamp(0, levels)
+        inside = z == u  # where the clamp passes the gradient (its bounds included, as torch's clamp does)
+        z.floor_()
+        if relaxed is not None:
+            unrounded = v.clamp(0, levels)
+            inside = torch.where(relaxed, unrounded == v, inside)
+            z = torch.where(relaxed, unrounded, z)
+        amplitude = (t + d_out) / levels
+        ctx.save_for_backward(v, z, inside, t, amplitude)
+        ctx.levels, ctx.channel_dim = levels, channel_dim
+        ctx.params = [(p.shape, p.dtype, view.shape) for p, view in ((theta, t), (delta_in, d_in), (delta_out, d_out))]
+        return z * amplitude
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, z, inside, t, amplitude = ctx.saved_tensors
+        levels = ctx.levels
+        need_x, need_theta, need_in, need_out = ctx.needs_input_grad[:4]
+        others = [d for d in range(grad.dim()) if d != ctx.channel_dim]
+
+        def channel_sums(values: Tensor) -> Tensor:  # kept as [1, C, 1, 1]: per-channel factors broadcast on it
+            return values.sum(others, keepdim=True) if others else values
+
+        def as_param(g: Tensor, which: int) -> Tensor:  # a parameter of one value for every channel sums them
+            shape, dtype, view = ctx.params[which]
+            return g.sum_to_size(view).reshape(shape).to(dtype)
+
+        # out = z * amplitude with z = clamp(L*(x + delta_in)/theta), rounded straight through, and amplitude =
+        # (theta + delta_out)/L. Inside the clamp: d out/dx = d out/d delta_in = amplitude*L/theta and
+        # d out/d theta = z/L - amplitude*v/theta; outside it only the z/L; d out/d delta_out = z/L.
+        masked = grad * inside
+        slope = amplitude * levels / t
+        grad_x = masked * slope if need_x else None
+        grad_in = as_param(channel_sums(masked) * slope, 1) if need_in else None
+        by_level = channel_sums(grad * z) / levels if (need_out or need_theta) else None
+        grad_out = as_param(by_level, 2) if need_out else None
+        grad_theta = as_param(by_level - channel_sums(masked * v) * (amplitude / t), 0) if need_theta else None
+        return grad_x, grad_theta, grad_in, grad_out, None, None, None
 
 
 def qcfs_relaxed(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, levels: int,

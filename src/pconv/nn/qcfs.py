@@ -46,6 +46,8 @@ class QCFS(nn.Module):
         self.mode = QCFSMode.QUANT
         self.bypass = False
         self.tap: Callable[[Tensor, Tensor], None] | None = None
+        #: in STE mode, a bool mask (of the input's shape) of the values that pass unrounded (recon's QDrop)
+        self.relaxed: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bypass:
@@ -53,7 +55,8 @@ class QCFS(nn.Module):
         if self.mode is QCFSMode.CLIP:
             y = torch.minimum(x.clamp_min(0), PF.per_channel(self.theta, x))
         elif self.mode is QCFSMode.STE:
-            y = PF.qcfs_straight_through(x, self.theta, self.delta_in, self.delta_out, self.resolution)
+            y = PF.qcfs_straight_through(x, self.theta, self.delta_in, self.delta_out, self.resolution,
+                                         relaxed=self.relaxed)
         elif self.mode is QCFSMode.ANN:
             y = self.activation(x)
         else:
