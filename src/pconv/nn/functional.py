@@ -189,7 +189,8 @@ def qcfs_relaxed(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, 
                  channel_dim: int = 1) -> Tensor:
     """What DA-QCFS rounds, unrounded: (theta+delta_out)/L * clamp(L*(x+delta_in)/theta, 0, L), the value of
     the level that floor(. + phi) rounds it to before the rounding (x clipped to [0, theta] when the shifts are
-    0). Differentiable in x, theta and the shifts; recon's QDrop feeds it to a block in place of the rounded
-    value for a random half of the activations while the block trains."""
+    0). Differentiable in x, theta and the shifts. recon's QDrop passes this value instead of the rounded one for
+    a random half of the activations while a block trains; it computes it inside qcfs_straight_through (its
+    `relaxed` mask), which the tests hold to this formula, values and gradients."""
     t, d_in, d_out = (per_channel(p, x, channel_dim) for p in (theta, delta_in, delta_out))
     return (levels * (x + d_in) / t).clamp(0, levels) * ((t + d_out) / levels)
