@@ -3,12 +3,15 @@ each point costs: energy per image against the ANN's, neurons, and calibration s
 
 Each row also gives the SNN's agreement with the ANN's top-1 and the mean KL(ANN || SNN) of the softmax
 outputs at each T: label-free, and far less noisy than a difference of two top-1 figures on a few hundred
-images. Energy is pconv eval's cost model (measure/energy.py, 0.9 pJ per accumulate, 4.6 pJ per MAC; the
-accumulated schedule), counted on the first ENERGY_IMAGES evaluation images.
+images. How noisy that difference is stands beside it: its 95 % interval from the images only one of the two
+networks gets right (paired; measure/difference.py). Energy is pconv eval's cost model (measure/energy.py,
+0.9 pJ per accumulate, 4.6 pJ per MAC; the accumulated schedule), counted on the first ENERGY_IMAGES
+evaluation images.
 
     python bench/accuracy.py [--models resnet20,lite0-a,lite0-b] [--methods max/da,mse/none,max/fit,max/refit]
                              [--json docs/accuracy.json] [--plot docs/accuracy.png]
                              [--frontier docs/frontier.png]
+    python bench/accuracy.py --pool lite0-a.json lite0-b.json     # SNN − ANN over both halves' images
 
 resnet20: CIFAR-10 ResNet-20, calibrated on the 1,000 CIFAR-10 training images, evaluated on the 1,000
           lossless test images; cifar-cnn: the snntoolbox CIFAR-10 CNN (average pooling), same split;
@@ -42,6 +45,7 @@ from pconv.data import folders as pdata  # noqa: E402
 from pconv.config import (DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET, DEFAULT_RECON_DROP,  # noqa: E402
                           DEFAULT_RECON_STEPS)
 from pconv.data.config import data_config_of  # noqa: E402
+from pconv.measure.difference import PairedDifference  # noqa: E402
 from pconv.measure.evaluate import evaluate  # noqa: E402
 
 STEPS = [4, 8, 16, 32]
@@ -117,13 +121,43 @@ def neuron_count(snn, example: torch.Tensor) -> tuple[int, int]:
     return sum(c for c, _ in counts), sum(p for _, p in counts)
 
 
-def compare(ann_logits: torch.Tensor, snn_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Top-1 of the SNN, its agreement with the ANN's top-1 (both %), and the mean KL(ANN || SNN) of the
-    softmax outputs: the two last ones need no labels and are far less noisy than a top-1 difference."""
+def compare(ann_logits: torch.Tensor, snn_logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Top-1 of the SNN, its agreement with the ANN's top-1 (both %), the mean KL(ANN || SNN) of the softmax
+    outputs (the two need no labels and are far less noisy than a top-1 difference), and the paired SNN − ANN
+    difference with its 95 % interval (measure/difference.py)."""
     ann_log, snn_log = ann_logits.log_softmax(dim=1), snn_logits.log_softmax(dim=1)
-    return {"top1": 100.0 * (snn_logits.argmax(dim=1) == labels).float().mean().item(),
+    snn_right, ann_right = snn_logits.argmax(dim=1) == labels, ann_logits.argmax(dim=1) == labels
+    return {"top1": 100.0 * snn_right.float().mean().item(),
             "agreement": 100.0 * (snn_logits.argmax(dim=1) == ann_logits.argmax(dim=1)).float().mean().item(),
-            "kl": (ann_log.exp() * (ann_log - snn_log)).sum(dim=1).mean().item()}
+            "kl": (ann_log.exp() * (ann_log - snn_log)).sum(dim=1).mean().item(),
+            "diff": PairedDifference(len(labels), int((ann_right & ~snn_right).sum()),
+                                     int((snn_right & ~ann_right).sum()))}
+
+
+def interval_text(diff: PairedDifference) -> str:
+    low, high = diff.interval()
+    return f"{diff.points:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
+def pooled(paths: list[Path]) -> None:
+    """SNN − ANN over the images of several result files (e.g. the two Lite0 halves), per method and T: the
+    paired counts added, the interval of the whole."""
+    groups: dict[tuple, list] = {}
+    for path in paths:
+        for r in json.loads(path.read_text())["results"]:
+            if "snn_top1_ann_only" not in r:
+                continue
+            for i, T in enumerate(r["time_steps"]):
+                key = (r["method"], r.get("recon_steps"), T)
+                groups.setdefault(key, []).append(
+                    (r["model"], PairedDifference(r["evaluation_images"], r["snn_top1_ann_only"][i],
+                                                  r["snn_top1_snn_only"][i])))
+    print("| method | recon steps | T | models | images | SNN − ANN [95 % interval] |")
+    print("|---|---|---|---|---|---|")
+    for (method, steps, T), parts in groups.items():
+        total = sum((d for _, d in parts), PairedDifference(0, 0, 0))
+        print(f"| {method} | {steps or '–'} | {T} | {', '.join(m for m, _ in parts)} | {total.num_images} "
+              f"| {interval_text(total)} |")
 
 
 def energy(snn, test) -> dict[str, float]:
@@ -238,7 +272,13 @@ def main() -> None:
     parser.add_argument("--frontier", type=Path, help="draw accuracy against energy per image into this PNG")
     parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
                         help="only draw --plot / --frontier from the results in these JSON files (merged)")
+    parser.add_argument("--pool", type=Path, nargs="+", metavar="JSON",
+                        help="only print SNN − ANN with its 95 %% interval over the images of these result files "
+                             "together (e.g. lite0-a's and lite0-b's)")
     args = parser.parse_args()
+    if args.pool:
+        pooled(args.pool)
+        return
     if args.replot:
         merged = [r for path in args.replot for r in json.loads(path.read_text())["results"]]
         if args.plot:
@@ -249,7 +289,7 @@ def main() -> None:
     steps = [int(T) for T in args.steps.split(",")]
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
     print(f"# pconv {pconv.__version__}, torch {torch.__version__}, {machine}\n")
-    print("| model | method | ANN | " + " | ".join(f"T={T}" for T in steps)
+    print("| model | method | ANN | " + " | ".join(f"T={T}: SNN (SNN − ANN [95 % interval])" for T in steps)
           + " | agreement with the ANN (%) | KL(ANN‖SNN) | energy / ANN's | neurons (× one per channel) "
           "| calibration s per T |")
     print("|---|---|---|" + "---|" * len(steps) + "---|---|---|---|---|")
@@ -283,7 +323,12 @@ def main() -> None:
                 results.append({"model": model_name, "method": method, **options, "ann_top1": ann,
                                 "time_steps": steps,
                                 "populated": {str(T): names for T, names in cal.populated.items()},
-                                "snn_top1": accs, "snn_agreement": agreement, "snn_kl": kl, "neurons": neurons,
+                                "snn_top1": accs, "snn_agreement": agreement, "snn_kl": kl,
+                                # the paired counts behind SNN − ANN, and its 95 % interval (points)
+                                "snn_top1_ann_only": [s["diff"].ann_only for s in scores],
+                                "snn_top1_snn_only": [s["diff"].snn_only for s in scores],
+                                "snn_top1_diff_ci95": [[round(v, 2) for v in s["diff"].interval()] for s in scores],
+                                "neurons": neurons,
                                 "neurons_one_per_channel": plain,
                                 "snn_energy_uj": [c["snn_energy_uj"] for c in costs],
                                 "ann_energy_uj": costs[0]["ann_energy_uj"],
@@ -295,7 +340,7 @@ def main() -> None:
                                 "calibration_images": cal.provenance["num_images"],
                                 "evaluation_images": len(labels)})
                 print(f"| {model_name} | {method} | {ann:.1f} | "
-                      + " | ".join(f"{a:.1f} ({a - ann:+.1f})" for a in accs)
+                      + " | ".join(f"{a:.1f} ({interval_text(sc['diff'])})" for a, sc in zip(accs, scores))
                       + " | " + " / ".join(f"{a:.1f}" for a in agreement)
                       + " | " + " / ".join(f"{k:.3f}" for k in kl)
                       + " | " + " / ".join(f"{c['energy_ratio']:.3f}" for c in costs)

@@ -107,6 +107,7 @@ def test_torchrun_cli_equals_single_process(tmp_path):
     assert ev2.returncode == 0, ev2.stderr
     ev1 = runner.invoke(cli, ["eval", str(tmp_path / "one.safetensors"), "--trust-factory", "--data", str(test_dir), "-b", "4", "--json"])
     d1, d2 = json.loads(ev1.stdout), json.loads(ev2.stdout)
-    for key in ("num_images", "top1", "top5", "ann_top1", "ann_top5", "top1_agreement", "mean_firing_rate"):
+    for key in ("num_images", "top1", "top5", "ann_top1", "ann_top5", "top1_agreement", "mean_firing_rate",
+                "top1_diff", "top1_diff_ci95_low", "top1_diff_ci95_high", "top1_ann_only", "top1_snn_only"):
         assert d1[key] == pytest.approx(d2[key], abs=1e-6), key
     assert d2["num_images"] == 21

@@ -160,7 +160,8 @@ def test_eval_json_agrees_with_library(snn_file, folders):
     loader = image_loader(folders["test"], snn.info.data_config, batch_size=7)
     expected = evaluate(snn, loader, sop_images=5).to_dict()
     for key in ("num_images", "top1", "top5", "ann_top1", "ann_top5", "top1_agreement", "mean_firing_rate",
-                "sops_per_image", "ann_macs_per_image", "snn_macs_per_image", "time_steps", "neuron", "engine"):
+                "sops_per_image", "ann_macs_per_image", "snn_macs_per_image", "time_steps", "neuron", "engine",
+                "top1_diff", "top1_diff_ci95_low", "top1_diff_ci95_high", "top1_ann_only", "top1_snn_only"):
         assert doc[key] == expected[key], key
     assert doc["sites"] == expected["sites"]
     assert doc["layers"] == expected["layers"]
@@ -205,7 +206,8 @@ def test_eval_human_output(snn_file, folders):
     text = result.stdout
     for needle in ("SNN (T=4)", "ANN", "top-1", "top-1 agreement SNN vs ANN", "images/s", "ms per batch",
                    "SOPs per image", "energy per image", "Spiking layers", "Synaptic layers", "0.9 pJ per accumulate",
-                   "x the ANN's energy per image", "relu1", "conv2"):
+                   "x the ANN's energy per image", "relu1", "conv2", "top-1 SNN - ANN:", "95% interval",
+                   "images right only by the ANN"):
         assert needle in text, needle
     assert result.stderr == ""  # no progress bars when stderr is not a terminal
 

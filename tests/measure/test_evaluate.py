@@ -54,6 +54,14 @@ def test_accuracy_and_agreement_match_direct_computation(snn, images):
     assert result.top5 == pytest.approx(100 * float(top5))
     assert result.ann_top1 == pytest.approx(100 * float((ref.argmax(1) == y).float().mean()))
     assert result.top1_agreement == pytest.approx(100 * float((ref.argmax(1) == out.argmax(1)).float().mean()))
+    snn_right, ann_right = out.argmax(1) == y, ref.argmax(1) == y
+    diff = result.top1_diff
+    assert (diff.num_images, diff.ann_only, diff.snn_only) == \
+        (24, int((ann_right & ~snn_right).sum()), int((snn_right & ~ann_right).sum()))
+    assert diff.points == pytest.approx(result.top1 - result.ann_top1)
+    d = result.to_dict()
+    assert d["top1_diff"] == pytest.approx(d["top1"] - d["ann_top1"], abs=1e-3)
+    assert d["top1_diff_ci95_low"] < d["top1_diff"] < d["top1_diff_ci95_high"]
     assert result.samples_per_sec > 0 and result.step_time > 0 and result.ann_step_time > 0
 
 
@@ -221,6 +229,7 @@ def test_to_dict_is_plain_json(snn, images):
     result = evaluate(snn, batches(images), sop_images=2, ann=False)
     d = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert d["ann_top1"] is None and d["top1_agreement"] is None
+    assert d["top1_diff"] is None and d["top1_diff_ci95_low"] is None and d["top1_ann_only"] is None
     for key in ("top1", "top1_err", "top5", "samples_per_sec", "step_time", "param_count", "sops_per_image",
                 "ann_macs_per_image", "snn_macs_per_image", "mean_firing_rate", "sites", "layers"):
         assert key in d

@@ -194,6 +194,7 @@ RESULTS_FORMATS = ("csv", "json")
 #: from both join).
 RESULTS_COLUMNS = ("model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
                    "interpolation", "time_steps", "neuron", "engine", "ann_top1", "ann_top5", "top1_agreement",
+                   "top1_diff", "top1_diff_ci95_low", "top1_diff_ci95_high", "top1_ann_only", "top1_snn_only",
                    "mean_firing_rate", "sops_per_image", "ann_macs_per_image", "snn_macs_per_image",
                    "graded_macs_per_image", "neurons_per_image", "ann_energy_uj", "snn_energy_uj",
                    "snn_energy_per_step_uj", "energy_ratio", "pj_per_ac", "pj_per_mac",

@@ -11,6 +11,7 @@ from rich.table import Table
 from ..measure.evaluate import DEFAULT_SOP_IMAGES, evaluate
 from ..measure.energy import PJ_PER_AC, PJ_PER_MAC, EnergyModel
 from ..measure.plots import check_plotting, plot_result
+from ..measure.difference import PairedDifference
 from ..measure.results import EvalResult
 from ..files.export import load
 from ..nn.network import SpikingNetwork
@@ -55,6 +56,8 @@ def render_result(console, result: EvalResult, title: str, layers: bool) -> None
         console.print(f"top-1 agreement SNN vs ANN: {pct(result.top1_agreement)} of {result.num_images} images "
                       f"(batch {result.batch_size}, {result.neuron} neurons, {result.engine} engine, "
                       f"{result.device})")
+    if result.top1_diff is not None:
+        console.print(_difference_line(result.top1_diff))
     console.print(f"mean firing rate: {result.to_dict()['mean_firing_rate']:.4f} spikes per neuron per step")
     if result.step_top1 is not None:
         curve = ", ".join(f"{t}: {a:.1f}" for t, a in enumerate(result.step_top1, start=1))
@@ -62,6 +65,12 @@ def render_result(console, result: EvalResult, title: str, layers: bool) -> None
     console.print(_energy_note(result))
     if layers:
         _layer_tables(console, result)
+
+
+def _difference_line(diff: PairedDifference) -> str:
+    low, high = diff.interval()
+    return (f"top-1 SNN - ANN: {diff.points:+.2f} points, 95% interval {low:+.2f} to {high:+.2f} (paired: "
+            f"{diff.ann_only} images right only by the ANN, {diff.snn_only} only by the SNN)")
 
 
 def _snn_macs(result: EvalResult) -> float | None:

@@ -25,6 +25,7 @@ from ..nn.neurons import Engine, as_engine
 from ..utils import distributed
 from ..utils.progress import NoProgress, Progress
 from .costs import count_operations, layer_costs
+from .difference import PairedDifference
 from .energy import EnergyModel
 from .results import EvalResult, LayerStats, SiteStats
 from .timing import Stopwatch
@@ -41,10 +42,11 @@ def _split(item: Any) -> tuple[Tensor, Tensor]:
                     "pass a DataLoader over a class-subfolder image folder")
 
 
-def _correct(logits: Tensor, target: Tensor, k: int) -> tuple[int, int]:
+def _correct(logits: Tensor, target: Tensor, k: int) -> tuple[Tensor, int]:
+    """Which images are right in top-1, and how many are in top-k."""
     top = logits.topk(k, dim=1).indices
     hit = top == target.unsqueeze(1)
-    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
+    return hit[:, 0], int(hit.any(dim=1).sum())
 
 
 @contextlib.contextmanager
@@ -104,6 +106,7 @@ class _Tally:
 
     def __init__(self, time_steps: int, device: torch.device):
         self.n = self.correct1 = self.correct5 = self.ann1 = self.ann5 = self.agree = self.batches = 0
+        self.ann_only = self.snn_only = 0  # images right in top-1 by one network and wrong by the other
         self.step_correct = torch.zeros(time_steps, dtype=torch.float64, device=device)
         self.k = 5
         self.local_n = 0
@@ -115,14 +118,16 @@ class _Tally:
             bad = int(y.max()) if int(y.max()) >= num_classes else int(y.min())
             raise DataError(f"label {bad} is outside the model's {num_classes} classes",
                             "the folder's classes must match the model's; list them in order in class_map.txt")
-        c1, c5 = _correct(out, y, self.k)
-        self.correct1 += c1
+        snn_right, c5 = _correct(out, y, self.k)
+        self.correct1 += int(snn_right.sum())
         self.correct5 += c5
         if ref is not None:
-            a1, a5 = _correct(ref, y, self.k)
-            self.ann1 += a1
+            ann_right, a5 = _correct(ref, y, self.k)
+            self.ann1 += int(ann_right.sum())
             self.ann5 += a5
             self.agree += int((ref.argmax(dim=1) == out.argmax(dim=1)).sum())
+            self.ann_only += int((ann_right & ~snn_right).sum())
+            self.snn_only += int((snn_right & ~ann_right).sum())
         if steps is not None:  # argmax of the running sum = of the running mean
             self.step_correct += (steps.cumsum(dim=0).argmax(dim=2) == y.unsqueeze(0)).sum(dim=1).double()
         self.n += y.shape[0]
@@ -130,10 +135,10 @@ class _Tally:
 
     def reduce(self) -> None:
         self.local_n = self.n  # timings are this process's own
-        totals = torch.tensor([self.n, self.correct1, self.correct5, self.ann1, self.ann5, self.agree],
-                              dtype=torch.float64)
-        self.n, self.correct1, self.correct5, self.ann1, self.ann5, self.agree = (
-            int(v) for v in distributed.reduce_sum(totals).tolist())
+        totals = torch.tensor([self.n, self.correct1, self.correct5, self.ann1, self.ann5, self.agree,
+                               self.ann_only, self.snn_only], dtype=torch.float64)
+        (self.n, self.correct1, self.correct5, self.ann1, self.ann5, self.agree, self.ann_only,
+         self.snn_only) = (int(v) for v in distributed.reduce_sum(totals).tolist())
         self.step_correct = distributed.reduce_sum(self.step_correct)
 
 
@@ -244,6 +249,7 @@ def _result(snn: SpikingNetwork, engine: Engine, device: torch.device, tally: _T
         ann_top1=100.0 * tally.ann1 / n if with_ann else None,
         ann_top5=100.0 * tally.ann5 / n if with_ann else None,
         top1_agreement=100.0 * tally.agree / n if with_ann else None,
+        top1_diff=PairedDifference(n, tally.ann_only, tally.snn_only) if with_ann else None,
         samples_per_sec=local / snn_time if snn_time else 0.0, step_time=1000.0 * snn_time / tally.batches,
         ann_samples_per_sec=(local / ann_time if ann_time else 0.0) if with_ann else None,
         ann_step_time=1000.0 * ann_time / tally.batches if with_ann else None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .difference import PairedDifference
 from .energy import EnergyModel, Ops, layer_ops, neuron_ops
 
 
@@ -60,6 +61,8 @@ class EvalResult:
     ann_top1: float | None
     ann_top5: float | None
     top1_agreement: float | None  # % of images where SNN and ANN predict the same class
+    #: SNN top-1 minus the ANN's on the same images, with the counts its confidence interval comes from
+    top1_diff: PairedDifference | None
     samples_per_sec: float
     step_time: float  # ms per batch (forward pass only, data loading excluded), timm's `step_time`
     ann_samples_per_sec: float | None
@@ -125,6 +128,7 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("energy")  # its two figures are written out below
+        d.update(self._difference_dict())
         d["top1_err"] = _round(100.0 - self.top1)
         d["top5_err"] = _round(100.0 - self.top5)
         d["mean_firing_rate"] = _round(self.mean_firing_rate, 6)
@@ -148,6 +152,18 @@ class EvalResult:
             s["spikes_per_image"] = round(s["spikes_per_image"], 1)
         d["layers"] = [self._layer_dict(layer) for layer in self.layers]
         return d
+
+    def _difference_dict(self) -> dict[str, Any]:
+        """SNN − ANN top-1 (points), its 95 % interval and the discordant counts it comes from (None without
+        the ANN): scalars, so that CSV rows carry them too."""
+        diff = self.top1_diff
+        if diff is None:
+            return dict.fromkeys(("top1_diff", "top1_diff_ci95_low", "top1_diff_ci95_high", "top1_ann_only",
+                                  "top1_snn_only"))
+        low, high = diff.interval()
+        return {"top1_diff": _round(diff.points), "top1_diff_ci95_low": _round(low),
+                "top1_diff_ci95_high": _round(high), "top1_ann_only": diff.ann_only,
+                "top1_snn_only": diff.snn_only}
 
     def _energy_dict(self) -> dict[str, Any]:
         """Energy per image in µJ (accumulated schedule, and per step), the ANN's, their ratio, the model."""
