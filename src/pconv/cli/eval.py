@@ -8,10 +8,10 @@ import click
 import torch
 from rich.table import Table
 
+from ..measure.difference import PairedDifference
 from ..measure.evaluate import DEFAULT_SOP_IMAGES, evaluate
 from ..measure.energy import PJ_PER_AC, PJ_PER_MAC, EnergyModel
 from ..measure.plots import check_plotting, plot_result
-from ..measure.difference import PairedDifference
 from ..measure.results import EvalResult
 from ..files.export import load
 from ..nn.network import SpikingNetwork
