@@ -145,7 +145,9 @@ def pooled(paths: list[Path]) -> None:
     groups: dict[tuple, list] = {}
     for path in paths:
         for r in json.loads(path.read_text())["results"]:
-            if "snn_top1_ann_only" not in r:
+            if "snn_top1_ann_only" not in r:  # written before the counts were stored: say so, not skip silently
+                print(f"{path}: {r['model']} {r['method']} has no paired counts (an older result); left out",
+                      file=sys.stderr)
                 continue
             for i, T in enumerate(r["time_steps"]):
                 key = (r["method"], r.get("recon_steps"), T)
