@@ -140,8 +140,8 @@ def interval_text(diff: PairedDifference) -> str:
 
 
 def pooled(paths: list[Path]) -> None:
-    """SNN − ANN over the images of several result files (e.g. the two Lite0 halves), per method and T: the
-    paired counts added, the interval of the whole."""
+    """SNN − ANN over the images of several result files (e.g. the two Lite0 halves), per model, method and T:
+    the paired counts of a model's halves added, the interval of the whole."""
     groups: dict[tuple, list] = {}
     for path in paths:
         for r in json.loads(path.read_text())["results"]:
@@ -150,16 +150,21 @@ def pooled(paths: list[Path]) -> None:
                       file=sys.stderr)
                 continue
             for i, T in enumerate(r["time_steps"]):
-                key = (r["method"], r.get("recon_steps"), T)
+                key = (_whole(r["model"]), r["method"], r.get("recon_steps"), T)
                 groups.setdefault(key, []).append(
                     (r["model"], PairedDifference(r["evaluation_images"], r["snn_top1_ann_only"][i],
                                                   r["snn_top1_snn_only"][i])))
-    print("| method | recon steps | T | models | images | SNN − ANN [95 % interval] |")
-    print("|---|---|---|---|---|---|")
-    for (method, steps, T), parts in groups.items():
+    print("| model | method | recon steps | T | from | images | SNN − ANN [95 % interval] |")
+    print("|---|---|---|---|---|---|---|")
+    for (model, method, steps, T), parts in groups.items():
         total = sum((d for _, d in parts), PairedDifference(0, 0, 0))
-        print(f"| {method} | {steps or '–'} | {T} | {', '.join(m for m, _ in parts)} | {total.num_images} "
-              f"| {interval_text(total)} |")
+        print(f"| {model} | {method} | {steps or '–'} | {T} | {', '.join(m for m, _ in parts)} | "
+              f"{total.num_images} | {interval_text(total)} |")
+
+
+def _whole(model: str) -> str:
+    """The model a result belongs to: the halves of a split (lite0-a, lite0-b) pool as one (lite0)."""
+    return model[:-2] if model.endswith(("-a", "-b")) else model
 
 
 def energy(snn, test) -> dict[str, float]:
