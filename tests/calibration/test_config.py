@@ -38,9 +38,10 @@ def test_bad_choices_are_refused_once(kwargs, needle):
 
 
 def test_auto_resolves_per_T_and_other_methods_do_not():
-    auto = CalibrationConfig(time_steps=(4, AUTO_FIT_MAX_T, 16), threshold="percentile:99.9")
-    assert {T: str(step) for T, step in auto.plan.items()} == {4: "percentile:99.9/fit", 8: "percentile:99.9/fit",
-                                                               16: "mse/none"}
+    auto = CalibrationConfig(time_steps=(4, AUTO_FIT_MAX_T, 2 * AUTO_FIT_MAX_T), threshold="percentile:99.9")
+    assert AUTO_FIT_MAX_T == 32
+    assert {T: str(step) for T, step in auto.plan.items()} == {4: "percentile:99.9/fit", 32: "percentile:99.9/fit",
+                                                               64: "mse/none"}
     assert auto.needs_histogram
     fit = CalibrationConfig(time_steps=(4, 16), method="fit")
     assert {str(step) for step in fit.plan.values()} == {"max/fit"} and not fit.needs_histogram
@@ -65,18 +66,18 @@ def test_every_registered_method_describes_itself():
 
 
 def test_an_snn_file_says_what_ran_at_its_T(tmp_path):
-    """With auto, T=16 runs the mse threshold and no calibration: the file and its config say so."""
+    """With auto, T=64 runs the mse threshold and no calibration: the file and its config say so."""
     model = nets.vgg_small()
     model.pconv_source = pconv.ModelSource("factory", "nets:vgg_small")
     images = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
-    calibration = pconv.calibrate(model, images, time_steps=[4, 16], population_budget=0)
-    snn16 = pconv.save(pconv.convert(model, calibration, 16), tmp_path / "t16.safetensors")
+    calibration = pconv.calibrate(model, images, time_steps=[4, 64], population_budget=0)
+    snn64 = pconv.save(pconv.convert(model, calibration, 64), tmp_path / "t64.safetensors")
     snn4 = pconv.save(pconv.convert(model, calibration, 4), tmp_path / "t4.safetensors")
     calib = pconv.save_calibration(calibration, tmp_path / "c.safetensors")
-    meta16, meta4, metac = (read_metadata(p)[0] for p in (snn16, snn4, calib))
-    assert (meta16.threshold, meta16.method) == ("mse", "none")
+    meta64, meta4, metac = (read_metadata(p)[0] for p in (snn64, snn4, calib))
+    assert (meta64.threshold, meta64.method) == ("mse", "none")
     assert (meta4.threshold, meta4.method) == ("max", "fit")
-    assert meta16.config == meta4.config == metac.config == calibration.config
+    assert meta64.config == meta4.config == metac.config == calibration.config
     assert (metac.threshold, metac.method) == ("max", "auto")  # a calibration file: the configured choices
     assert pconv.load_calibration(calib).config == calibration.config
 

@@ -68,7 +68,7 @@ def _auto_plan(config: "CalibrationConfig", time_steps: int) -> tuple[ThresholdS
 @calibration_method("auto", resolve=_auto_plan)
 def automatic(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatches, budget: int,
               progress: Progress) -> dict:
-    """pconv's default: fit at T <= 8, the mse threshold without shifts above."""
+    """pconv's default: fit at T <= 32, the mse threshold without shifts above."""
     from .fit import fit_sites
 
     return fit_sites(model, modules, batches, budget, progress)
