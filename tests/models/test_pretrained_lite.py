@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pconv.data.config import data_config_of
-from pconv.errors import ModelLoadError
 from pconv.data.folders import image_loader
+from pconv.errors import ModelLoadError
 from pconv.models.source import own_factory_names
 from pconv.pretrained import LITE_PACKAGES, tf_efficientnet_lite
 
