@@ -127,15 +127,19 @@ def neuron_count(snn, example: torch.Tensor) -> tuple[int, int]:
     return sum(c for c, _ in counts), sum(p for _, p in counts)
 
 
-def compare(ann_logits: torch.Tensor, snn_logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Top-1 of the SNN, its agreement with the ANN's top-1 (both %), the mean KL(ANN || SNN) of the softmax
-    outputs (the two need no labels and are far less noisy than a top-1 difference), and the paired SNN − ANN
-    difference with its 95 % interval (measure/difference.py)."""
+def label_free(ann_logits: torch.Tensor, snn_logits: torch.Tensor) -> dict:
+    """The SNN's agreement with the ANN's top-1 (%) and the mean KL(ANN || SNN) of the softmax outputs: neither
+    needs a label, and both are far less noisy than a top-1 difference."""
     ann_log, snn_log = ann_logits.log_softmax(dim=1), snn_logits.log_softmax(dim=1)
+    return {"agreement": 100.0 * (snn_logits.argmax(dim=1) == ann_logits.argmax(dim=1)).float().mean().item(),
+            "kl": (ann_log.exp() * (ann_log - snn_log)).sum(dim=1).mean().item()}
+
+
+def compare(ann_logits: torch.Tensor, snn_logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Top-1 of the SNN (%), label_free's two measures, and the paired SNN − ANN difference with its 95 %
+    interval (measure/difference.py)."""
     snn_right, ann_right = snn_logits.argmax(dim=1) == labels, ann_logits.argmax(dim=1) == labels
-    return {"top1": 100.0 * snn_right.float().mean().item(),
-            "agreement": 100.0 * (snn_logits.argmax(dim=1) == ann_logits.argmax(dim=1)).float().mean().item(),
-            "kl": (ann_log.exp() * (ann_log - snn_log)).sum(dim=1).mean().item(),
+    return {"top1": 100.0 * snn_right.float().mean().item(), **label_free(ann_logits, snn_logits),
             "diff": PairedDifference(len(labels), int((ann_right & ~snn_right).sum()),
                                      int((snn_right & ~ann_right).sum()))}
 

@@ -35,13 +35,6 @@ def outputs(net: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([net(x).float() for x in batches])
 
 
-def label_free(ann: torch.Tensor, snn: torch.Tensor) -> dict[str, float]:
-    """Mean KL(ANN‖SNN) of the softmax outputs and top-1 agreement (%)."""
-    a, s = ann.log_softmax(dim=1), snn.log_softmax(dim=1)
-    return {"kl": round((a.exp() * (a - s)).sum(dim=1).mean().item(), 5),
-            "agreement": round(100.0 * (a.argmax(dim=1) == s.argmax(dim=1)).float().mean().item(), 2)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="lite2-a", choices=sorted(bench.MODELS))
@@ -73,11 +66,12 @@ def run(args: argparse.Namespace, root: Path) -> None:
                               population_budget=float(levels[1]) if len(levels) > 1 else DEFAULT_POPULATION_BUDGET)
         seconds = time.perf_counter() - started
         snn = pconv.convert(model, cal, time_steps=T)
-        inside, outside = label_free(ann_calib, outputs(snn, calib)), label_free(ann_unseen, outputs(snn, unseen))
+        inside, outside = (bench.label_free(ann_calib, outputs(snn, calib)),
+                           bench.label_free(ann_unseen, outputs(snn, unseen)))
         rows.append({"model": args.model, "method": method, "time_steps": T, "images": args.images,
-                     "calibration_images": cal.provenance["num_images"], "calibration_kl": inside["kl"],
-                     "unseen_kl": outside["kl"], "calibration_agreement": inside["agreement"],
-                     "unseen_agreement": outside["agreement"], "calibration_seconds": round(seconds, 1)})
+                     "calibration_images": cal.provenance["num_images"], "calibration_kl": round(inside["kl"], 5),
+                     "unseen_kl": round(outside["kl"], 5), "calibration_agreement": round(inside["agreement"], 2),
+                     "unseen_agreement": round(outside["agreement"], 2), "calibration_seconds": round(seconds, 1)})
         print(f"| {args.model} | {method} | {T} | {args.images} ({cal.provenance['num_images']}) | {inside['kl']:.4f} "
               f"| {outside['kl']:.4f} | {inside['agreement']:.1f} / {outside['agreement']:.1f} | {seconds:.0f} |",
               flush=True)
