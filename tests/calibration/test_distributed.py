@@ -57,8 +57,12 @@ def test_two_ranks_equal_one_process(tmp_path, threshold, method, population_bud
             for leaf in ("theta", "delta_in", "delta_out"):
                 assert torch.equal(getattr(ranks[0].params[T][name], leaf), getattr(ranks[1].params[T][name], leaf))
         for key, value in single.weights.get(T, {}).items():
+            # Adam divides each gradient by its own running scale, so a weight near zero can move by a rounding of
+            # the layer's scale rather than of its own value (measured: 6.9e-9 on a weight of 2e-3 in a layer of
+            # scale 0.19): the absolute tolerance is the relative one times the layer's largest weight.
+            atol = max(1e-9, tol * value.abs().max().item())
             for rank in ranks:
-                assert torch.allclose(rank.weights[T][key], value, rtol=max(tol, 1e-7), atol=1e-9), (T, key)
+                assert torch.allclose(rank.weights[T][key], value, rtol=max(tol, 1e-7), atol=atol), (T, key)
 
 
 def torchrun(tmp_path, *args):
