@@ -41,8 +41,9 @@ MIN_FRACTION = 0.05
 #: Positions per channel the search looks at, over all images (each image gives its share). 32,768 rather
 #: than 8,192 (until 2026-12-05): with 250 images the deep sites of EfficientNet-Lite (a few dozen positions per
 #: image) are then searched on every position, not on a third of them, and their rare large values, which
-#: unseen images reach more often, stay in the search; Lite2's KL on unseen images at T=16 fell by a tenth for
-#: the same calibration time (docs/accuracy.md).
+#: unseen images reach more often, stay in the search; Lite2's KL on unseen images at T=16 fell by a tenth in
+#: about the same calibration time (docs/accuracy.md). The search's memory grows with it: about 40 bytes per
+#: channel and sample of the one site it searches.
 SAMPLES_PER_CHANNEL = 32768
 
 
