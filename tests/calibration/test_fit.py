@@ -13,7 +13,9 @@ import pconv
 from pconv.files import export
 from pconv.calibration import CALIBRATIONS
 from pconv.data.batches import ImageBatches
-from pconv.calibration.fit import MIN_FRACTION, REFINE_FRACTIONS, REFINE_SHIFTS, SHIFT_STEPS, THRESHOLD_FRACTIONS, search_site
+from pconv.calibration.fit import (MIN_FRACTION, REFINE_FRACTIONS, REFINE_SHIFTS, SHIFT_STEPS, THRESHOLD_FRACTIONS,
+                                   search_samples, search_site)
+from pconv.utils.memory import peak_tensor_bytes
 from pconv.utils.progress import NoProgress
 from pconv.nn.qcfs import activation
 from pconv.calibration import changed_weights
@@ -32,6 +34,24 @@ def brute_force_error(x_q, y, theta, shift, levels):
     k = torch.clamp(torch.floor(levels * x_q / theta + 0.5 + shift), 0, levels)
     amplitude = (k * y).sum() / (k * k).sum()
     return ((amplitude * k - y) ** 2).mean(), amplitude
+
+
+def test_site_search_within_a_budget_takes_slices_of_channels_and_finds_the_same():
+    """The search of 48 channels x 4,000 samples holds 7.7 MB at once; within a 1 MB budget it takes a few
+    channels at a time, stays under the budget (beyond its inputs and results) and chooses the same."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(48, 4000, generator=g).relu() * torch.linspace(0.5, 3.0, 48).unsqueeze(1)
+    q = y + 0.1 * torch.randn(y.shape, generator=g)
+    theta = y.amax(dim=1)
+    whole = search_samples(q, y, theta, 8)
+    budget = 1 << 20
+    sliced = search_samples(q, y, theta, 8, budget)
+    for a, b in zip(whole, sliced):
+        assert torch.equal(a, b)
+    assert peak_tensor_bytes(search_samples, q, y, theta, 8) > 7 * budget
+    assert peak_tensor_bytes(search_samples, q, y, theta, 8, budget) <= budget
+    # a bound on the samples (the same in every process) above the local count slices more finely
+    assert peak_tensor_bytes(search_samples, q, y, theta, 8, budget, 10000) <= budget * 4000 // 10000
 
 
 def test_site_search_finds_the_best_candidate_and_its_amplitude():

@@ -9,7 +9,8 @@ pair whose output, at its least-squares amplitude, is closest to the ANN's:
     error     = E[(theta_out/T * k - y)^2]
 over a sample of positions: SAMPLES_PER_CHANNEL in all, the same number from every image, chosen by the
 image's content (sampling.py). Only three sums per channel and candidate are needed, so the choice is the
-same over several processes.
+same over several processes. Channels are searched a slice at a time, as many as a share of the memory budget
+holds, so the search's memory is bounded by the budget while its result does not depend on it.
 """
 
 from __future__ import annotations
@@ -42,13 +43,19 @@ MIN_FRACTION = 0.05
 #: than 8,192 (until 2026-12-05): with 250 images the deep sites of EfficientNet-Lite (a few dozen positions per
 #: image) are then searched on every position, not on a third of them, and their rare large values, which
 #: unseen images reach more often, stay in the search; Lite2's KL on unseen images at T=16 fell by a tenth in
-#: about the same calibration time (docs/accuracy.md). The search's memory grows with it: about 40 bytes per
-#: channel and sample of the one site it searches.
+#: about the same calibration time (docs/accuracy.md). The sample takes 8 bytes per channel and position; the
+#: search over it is done a slice of channels at a time (SEARCH_BYTES_PER_SAMPLE).
 SAMPLES_PER_CHANNEL = 32768
-
-
-#: Breakpoints looked up at a time, at most (candidates x levels x channels), to bound the search's memory.
+#: Bytes the search holds per channel and sample while sorting (measured with TensorMeter: the order, the
+#: sorted inputs and the prefix sums in float64, and their temporaries).
+SEARCH_BYTES_PER_SAMPLE = 40
+#: Bytes a breakpoint lookup holds per (candidate, level, channel) element (breakpoints, ranks, counts, sums).
+LOOKUP_BYTES = 40
+#: The most a lookup step takes, however large the budget: larger steps are no faster.
 LOOKUP_ELEMENTS = 1 << 24
+#: The share of the calibration's memory budget the search of one site may hold at a time (the sample itself
+#: and the paired pass hold the rest).
+SEARCH_BUDGET_SHARE = 0.25
 
 
 class _SortedSamples:
@@ -60,7 +67,8 @@ class _SortedSamples:
 
     (the breakpoints t_j in float64, against the exact inputs)."""
 
-    def __init__(self, q: Tensor, y: Tensor):
+    def __init__(self, q: Tensor, y: Tensor, lookup_elements: int):
+        self.lookup_elements = lookup_elements
         order = q.argsort(dim=1)
         self.q = q.gather(1, order).double().contiguous()
         ys = y.gather(1, order).double()
@@ -71,7 +79,7 @@ class _SortedSamples:
         """[C, J, 2]: (Σk·y, Σk²) of the J candidates (scale, offset: [C, J]) of every channel."""
         channels, candidates = scale.shape
         j = torch.arange(1, levels + 1, dtype=torch.float64, device=scale.device)
-        step = max(1, LOOKUP_ELEMENTS // max(1, channels * levels))
+        step = max(1, self.lookup_elements // max(1, channels * levels))
         out = []
         for start in range(0, candidates, step):
             sc, off = scale[:, start:start + step], offset[:, start:start + step]
@@ -103,14 +111,30 @@ def _best(sums: Tensor) -> Tensor:
     return (sums[..., 0] * _amplitude(sums)).argmax(dim=1)
 
 
-def search_samples(q: Tensor, y: Tensor, theta: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
+def search_samples(q: Tensor, y: Tensor, theta: Tensor, levels: int, budget: int | None = None,
+                   samples: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(theta, delta_in, delta_out) per channel that best reproduce the ANN's outputs `y` [C, S] from the
     quantized network's inputs `q` [C, S] (this process's samples; the sums are reduced over processes).
 
-    Two stages: the grid THRESHOLD_FRACTIONS x SHIFT_STEPS, then a finer grid around each channel's best
-    (REFINE_FRACTIONS x REFINE_SHIFTS, which includes the first-stage choice)."""
+    Channels are searched independently, so the search takes as many at a time as `budget` bytes allow for
+    `samples` per channel (default S; under torchrun every process passes the same bound, so that they reduce
+    the same slices). No budget: all channels at once. The result does not depend on the slicing."""
+    channels = len(theta)
+    lookup = LOOKUP_ELEMENTS if budget is None else max(1, min(LOOKUP_ELEMENTS, budget // LOOKUP_BYTES))
+    per_slice = channels if budget is None else budget // (SEARCH_BYTES_PER_SAMPLE * max(samples or q.shape[1], 1))
+    per_slice = max(1, min(channels, per_slice))
+    parts = [_search_slice(q[i:i + per_slice], y[i:i + per_slice], theta[i:i + per_slice], levels, lookup)
+             for i in range(0, max(channels, 1), per_slice)]
+    return tuple(torch.cat(values) for values in zip(*parts))
+
+
+def _search_slice(q: Tensor, y: Tensor, theta: Tensor, levels: int, lookup_elements: int
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """search_samples on some channels, all at once. Two stages: the grid THRESHOLD_FRACTIONS x SHIFT_STEPS,
+    then a finer grid around each channel's best (REFINE_FRACTIONS x REFINE_SHIFTS, which includes the
+    first-stage choice)."""
     base = theta.double().to(q.device)
-    samples = _SortedSamples(q, y)
+    samples = _SortedSamples(q, y, lookup_elements)
     grid = [(f, s) for f in THRESHOLD_FRACTIONS for s in SHIFT_STEPS]
     ones = torch.ones(len(base), 1, dtype=torch.float64, device=q.device)
     fractions = ones * torch.tensor([f for f, _ in grid], dtype=torch.float64, device=q.device)
@@ -140,12 +164,15 @@ def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: flo
 
 
 class SitePoint(Point):
-    """A site of `fit`: gathers its sampled (input, ANN output) pairs, then searches its parameters."""
+    """A site of `fit`: gathers its sampled (input, ANN output) pairs, then searches its parameters within a
+    share of the memory budget."""
 
-    def __init__(self, name: str, module: QCFS, num_images: int):
+    def __init__(self, name: str, module: QCFS, num_images: int, budget: int):
         self.name = name
         self.module = module
         self.count = per_image(SAMPLES_PER_CHANNEL, num_images)
+        self.samples = self.count * num_images  # an upper bound, the same in every process
+        self.budget = int(SEARCH_BUDGET_SHARE * budget)
         self.q: list[Tensor] = []
         self.y: list[Tensor] = []
 
@@ -162,16 +189,17 @@ class SitePoint(Point):
         module = self.module
         empty = torch.zeros(module.theta.numel(), 0, device=module.theta.device)
         q = torch.cat(self.q, dim=1) if self.q else empty
+        self.q = []  # the chunks go as soon as they are joined
         y = torch.cat(self.y, dim=1) if self.y else empty
-        theta, delta_in, delta_out = search_samples(q, y, module.theta, module.resolution)
+        self.y = []
+        theta, delta_in, delta_out = search_samples(q, y, module.theta, module.resolution, self.budget, self.samples)
         module.theta.copy_(theta)
         module.delta_in.copy_(delta_in)
         module.delta_out.copy_(delta_out)
-        self.q, self.y = [], []
 
 
-def site_points(modules: Mapping[str, QCFS], num_images: int) -> dict[QCFS, Point]:
-    return {module: SitePoint(name, module, num_images) for name, module in modules.items()}
+def site_points(modules: Mapping[str, QCFS], num_images: int, budget: int) -> dict[QCFS, Point]:
+    return {module: SitePoint(name, module, num_images, budget) for name, module in modules.items()}
 
 
 @calibration_method("fit")
@@ -179,5 +207,5 @@ def fit_sites(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatch
               progress: Progress) -> dict[str, Any]:
     """Per-channel threshold, rounding shift and amplitude fitted to the ANN, site by site."""
     num_images = distributed.reduce_count(batches.num_images)
-    notes = run_paired(PairedPass(model, site_points(modules, num_images)), batches, budget, progress, "fit")
+    notes = run_paired(PairedPass(model, site_points(modules, num_images, budget)), batches, budget, progress, "fit")
     return {"fit_images": num_images, "fit_schedule": notes["schedule"]}
