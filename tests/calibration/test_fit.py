@@ -38,7 +38,8 @@ def brute_force_error(x_q, y, theta, shift, levels):
 
 def test_site_search_within_a_budget_takes_slices_of_channels_and_finds_the_same():
     """The search of 48 channels x 4,000 samples holds 7.7 MB at once; within a 1 MB budget it takes a few
-    channels at a time, stays under the budget (beyond its inputs and results) and chooses the same."""
+    channels at a time and fewer breakpoints per lookup, stays under the budget (beyond its inputs and
+    results) and chooses the same."""
     g = torch.Generator().manual_seed(1)
     y = torch.randn(48, 4000, generator=g).relu() * torch.linspace(0.5, 3.0, 48).unsqueeze(1)
     q = y + 0.1 * torch.randn(y.shape, generator=g)
@@ -52,6 +53,12 @@ def test_site_search_within_a_budget_takes_slices_of_channels_and_finds_the_same
     assert peak_tensor_bytes(search_samples, q, y, theta, 8, budget) <= budget
     # a bound on the samples (the same in every process) above the local count slices more finely
     assert peak_tensor_bytes(search_samples, q, y, theta, 8, budget, 10000) <= budget * 4000 // 10000
+    # at 256 levels the breakpoint lookups of 16 channels x 500 samples would hold 16 MB at once
+    args = (q[:16, :500], y[:16, :500], theta[:16], 256)
+    for a, b in zip(search_samples(*args), search_samples(*args, budget)):
+        assert torch.equal(a, b)
+    assert peak_tensor_bytes(search_samples, *args) > 10 * budget
+    assert peak_tensor_bytes(search_samples, *args, budget) <= budget
 
 
 def test_site_search_finds_the_best_candidate_and_its_amplitude():

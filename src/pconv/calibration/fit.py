@@ -49,7 +49,8 @@ SAMPLES_PER_CHANNEL = 32768
 #: Bytes the search holds per channel and sample while sorting (measured with TensorMeter: the order, the
 #: sorted inputs and the prefix sums in float64, and their temporaries).
 SEARCH_BYTES_PER_SAMPLE = 40
-#: Bytes a breakpoint lookup holds per (candidate, level, channel) element (breakpoints, ranks, counts, sums).
+#: Bytes a breakpoint lookup holds per (candidate, level, channel) element (breakpoints, ranks, counts, sums;
+#: measured 38).
 LOOKUP_BYTES = 40
 #: The most a lookup step takes, however large the budget: larger steps are no faster.
 LOOKUP_ELEMENTS = 1 << 24
@@ -120,7 +121,9 @@ def search_samples(q: Tensor, y: Tensor, theta: Tensor, levels: int, budget: int
     `samples` per channel (default S; under torchrun every process passes the same bound, so that they reduce
     the same slices). No budget: all channels at once. The result does not depend on the slicing."""
     channels = len(theta)
-    lookup = LOOKUP_ELEMENTS if budget is None else max(1, min(LOOKUP_ELEMENTS, budget // LOOKUP_BYTES))
+    # the lookups run while a slice's sorted inputs and prefix sums (16 of its 40 bytes per sample) are held:
+    # half the budget for them keeps the two within it
+    lookup = LOOKUP_ELEMENTS if budget is None else max(1, min(LOOKUP_ELEMENTS, budget // 2 // LOOKUP_BYTES))
     per_slice = channels if budget is None else budget // (SEARCH_BYTES_PER_SAMPLE * max(samples or q.shape[1], 1))
     per_slice = max(1, min(channels, per_slice))
     parts = [_search_slice(q[i:i + per_slice], y[i:i + per_slice], theta[i:i + per_slice], levels, lookup)
