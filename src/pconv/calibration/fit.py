@@ -54,8 +54,8 @@ SEARCH_BYTES_PER_SAMPLE = 40
 LOOKUP_BYTES = 40
 #: The most a lookup step takes, however large the budget: larger steps are no faster.
 LOOKUP_ELEMENTS = 1 << 24
-#: The share of the calibration's memory budget the search of one site may hold at a time (the sample itself
-#: and the paired pass hold the rest).
+#: The share of the calibration's memory budget the search of one site may hold at a time (the paired pass and
+#: the kept images take the rest; the sample itself, a fixed size per site, is beside the budget).
 SEARCH_BUDGET_SHARE = 0.25
 
 
