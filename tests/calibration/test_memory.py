@@ -42,9 +42,6 @@ def calibrate(data, method, budget, dtype=torch.float32, **kwargs):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_peak_memory_does_not_grow_with_the_number_of_images(method, monkeypatch):
-    # fit's sample is SAMPLES_PER_CHANNEL positions per channel over all images, fewer while the images have
-    # fewer positions than that; a smaller sample lets 24 images already fill it at every site but the last
-    monkeypatch.setattr(pconv.calibration.fit, "SAMPLES_PER_CHANNEL", 1024)
     # recon's steps take BATCH images on average whatever N: 8, so that 24 images do not all join every step
     monkeypatch.setattr(pconv.calibration.recon, "BATCH", 8)
     n = 24

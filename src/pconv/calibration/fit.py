@@ -7,10 +7,11 @@ pair whose output, at its least-squares amplitude, is closest to the ANN's:
     k         = clamp(floor(T*(x_q + delta_in)/theta + 1/2), 0, T)      the spike count
     theta_out = T * E[k*y] / E[k^2]                                      y = ReLU(x_ann) (or ReLU6)
     error     = E[(theta_out/T * k - y)^2]
-over a sample of positions: SAMPLES_PER_CHANNEL in all, the same number from every image, chosen by the
-image's content (sampling.py). Only three sums per channel and candidate are needed, so the choice is the
-same over several processes. Channels are searched a slice at a time, as many as a share of the memory budget
-holds, so the search's memory is bounded by the budget while its result does not depend on it.
+over every position of every image. Only two sums per candidate are needed, Σk·y and Σk², and k is a step
+function of x_q whose steps all lie in (0, theta): so a histogram of x_q over (0, theta) per channel, with
+the count and the sum of y in each bin, gives both for any candidate (within a bin the positions are taken
+as spread evenly). The histogram has a fixed size per channel, adds over images, batches and processes, and
+so the search sees every position whatever the number of images, in memory that does not grow with it.
 """
 
 from __future__ import annotations
@@ -22,82 +23,126 @@ from torch import Tensor, nn
 
 from ..data.batches import ImageBatches
 from ..nn.qcfs import QCFS, activation
-from ..observe.record import channels_last_2d
 from ..utils import distributed
 from ..utils.progress import Progress
 from .methods import calibration_method
 from .paired import PairedPass, Point, run_paired
-from .sampling import per_image, sample_index
 
 #: Thresholds tried, as fractions of the recorded threshold (the --threshold method's value).
 THRESHOLD_FRACTIONS = torch.linspace(0.2, 1.0, 33).tolist()
 #: Rounding shifts tried, in quantization steps (theta/T).
 SHIFT_STEPS = (-0.25, 0.0, 0.25)
 #: Second stage, around each channel's first-stage choice: offsets of the fraction and of the shift (both
-#: include 0, so the second stage never does worse on the searched positions).
+#: include 0, so the second stage never does worse than the first).
 REFINE_FRACTIONS = torch.linspace(-0.0125, 0.0125, 5).tolist()
 REFINE_SHIFTS = (-0.125, 0.0, 0.125)
 #: Smallest threshold fraction considered.
 MIN_FRACTION = 0.05
-#: Positions per channel the search looks at, over all images (each image gives its share). 32,768 rather
-#: than 8,192 (until 2026-12-05): with 250 images the deep sites of EfficientNet-Lite (a few dozen positions per
-#: image) are then searched on every position, not on a third of them, and their rare large values, which
-#: unseen images reach more often, stay in the search; Lite2's KL on unseen images at T=16 fell by a tenth in
-#: about the same calibration time (docs/accuracy.md). The sample takes 8 bytes per channel and position; the
-#: search over it is done a slice of channels at a time (SEARCH_BYTES_PER_SAMPLE).
-SAMPLES_PER_CHANNEL = 32768
-#: Bytes the search holds per channel and sample while sorting (measured with TensorMeter: the order, the
-#: sorted inputs and the prefix sums in float64, and their temporaries).
-SEARCH_BYTES_PER_SAMPLE = 40
-#: Bytes a breakpoint lookup holds per (candidate, level, channel) element (breakpoints, ranks, counts, sums;
-#: measured 38).
-LOOKUP_BYTES = 40
+#: Histogram bins per channel over (0, theta): BINS_PER_LEVEL per quantization step, at least MIN_BINS. The
+#: finest move of the search, a refinement step of the threshold, shifts the top breakpoint by 0.00625 theta,
+#: 25 bins of 4,096. Until 2026-12-05 the search ran on a sample of 32,768 positions per channel (8 bytes
+#: each); the histogram takes 16 bytes per bin, 64 KiB per channel up to 64 levels, and no position is left
+#: out, so the result no longer depends on which positions a sample drew (docs/accuracy.md).
+BINS_PER_LEVEL = 64
+MIN_BINS = 4096
+#: Elements of a site's input binned at a time, so that collecting holds a few bounded temporaries whatever
+#: the batch (about 16 bytes per element beyond the histogram, measured with TensorMeter: the bin index and
+#: the ANN's output in float64).
+BIN_PIECE = 1 << 20
+#: Bytes a breakpoint lookup holds per (candidate, level, channel) element (breakpoints, bin positions, the
+#: gathered counts and sums).
+LOOKUP_BYTES = 48
 #: The most a lookup step takes, however large the budget: larger steps are no faster.
 LOOKUP_ELEMENTS = 1 << 24
-#: The share of the calibration's memory budget the search of one site may hold at a time (the paired pass and
-#: the kept images take the rest; the sample itself, a fixed size per site, is beside the budget).
+#: The share of the calibration's memory budget the lookups of one site may hold at a time (the paired pass
+#: and the kept images take the rest; the histogram, a fixed size per site, is beside the budget).
 SEARCH_BUDGET_SHARE = 0.25
 
 
-class _SortedSamples:
-    """One site's samples, each channel sorted by the quantized network's input, with prefix sums of the ANN's
-    outputs: Σk·y and Σk² of any candidate then cost one lookup per quantization level instead of a pass over
-    the samples. With k = clamp(floor(scale·q + offset), 0, L) = #{j = 1..L : q >= (j - offset)/scale},
+def histogram_bins(levels: int) -> int:
+    return max(MIN_BINS, BINS_PER_LEVEL * levels)
 
-        Σ_i k_i·y_i = Σ_j Σ_{q_i >= t_j} y_i            Σ_i k_i² = Σ_j (2j - 1)·#{q_i >= t_j}
 
-    (the breakpoints t_j in float64, against the exact inputs)."""
+class SiteHistogram:
+    """Per channel, the positions' count and the sum of the ANN's outputs y in each of `bins` equal bins of the
+    quantized network's input q over (0, theta), after a bin for q <= 0 and before one for q >= theta.
 
-    def __init__(self, q: Tensor, y: Tensor, lookup_elements: int):
-        self.lookup_elements = lookup_elements
-        order = q.argsort(dim=1)
-        self.q = q.gather(1, order).double().contiguous()
-        ys = y.gather(1, order).double()
-        self.prefix = torch.cat([torch.zeros_like(ys[:, :1]), ys.cumsum(dim=1)], dim=1)
-        self.count = q.shape[1]
+    Every breakpoint a candidate can have lies inside (0, theta): with k = clamp(floor(scale*q + offset), 0, L),
+    q >= t_j = (j - offset)/scale for j = 1..L, offset = 1/2 + shift with |shift| < 1/2 and the candidate's
+    threshold at most theta, so 0 < t_1 and t_L < theta. The positions in the outer bins therefore spike at no
+    level, or at every level, for all candidates alike."""
 
-    def sums(self, scale: Tensor, offset: Tensor, levels: int) -> Tensor:
-        """[C, J, 2]: (Σk·y, Σk²) of the J candidates (scale, offset: [C, J]) of every channel."""
+    def __init__(self, theta: Tensor, bins: int):
+        self.channels = len(theta)
+        self.bins = bins
+        self.width = (theta.detach().double() / bins).clamp_min(torch.finfo(torch.float64).tiny)
+        self.row = bins + 2  # [q <= 0 | bins over (0, theta) | q >= theta]
+        self.count = torch.zeros(self.channels * self.row, dtype=torch.float64, device=theta.device)
+        self.y_sum = torch.zeros_like(self.count)
+
+    def add(self, q: Tensor, y: Tensor) -> None:
+        """Add the positions of q and y, both [B, C, ...]."""
+        if q.numel() == 0:
+            return
+        q, y = q.reshape(q.shape[0], self.channels, -1), y.reshape(y.shape[0], self.channels, -1)
+        images, channels, positions = q.shape
+        width = self.width.to(q.device).view(1, channels, 1)
+        start = (torch.arange(channels, device=q.device) * self.row).view(1, channels, 1)
+        # a piece is some images whole, or some positions of one image
+        per_image = channels * positions
+        image_step = max(1, BIN_PIECE // per_image)
+        position_step = positions if image_step > 1 else max(1, BIN_PIECE // channels)
+        for i in range(0, images, image_step):
+            for p in range(0, positions, position_step):
+                qp = q[i:i + image_step, :, p:p + position_step]
+                yp = y[i:i + image_step, :, p:p + position_step]
+                inside = (qp.double() / width).floor_().clamp_(max=self.bins) + 1  # 1..bins, bins + 1 at theta
+                # q <= 0 (or NaN) to bin 0
+                index = (torch.where(qp > 0, inside, torch.zeros_like(inside)).long() + start).flatten()
+                length = self.channels * self.row
+                self.count += torch.bincount(index, minlength=length).to(self.count)
+                self.y_sum += torch.bincount(index, weights=yp.double().flatten(), minlength=length)
+
+    def reduce(self) -> None:
+        """Sum the histograms of every process (they share their bins)."""
+        self.count = distributed.reduce_sum(self.count)
+        self.y_sum = distributed.reduce_sum(self.y_sum)
+
+    def sums(self, scale: Tensor, offset: Tensor, levels: int, lookup_elements: int = LOOKUP_ELEMENTS) -> Tensor:
+        """[C, J, 2]: (Σk·y, Σk²) of the J candidates (scale, offset: [C, J]) of every channel, by
+
+            Σ_i k_i·y_i = Σ_j Σ_{q_i >= t_j} y_i            Σ_i k_i² = Σ_j (2j - 1)·#{q_i >= t_j}
+
+        with the part of t_j's own bin above t_j counted in proportion to its width."""
         channels, candidates = scale.shape
+        count = self.count.view(channels, self.row)
+        y_sum = self.y_sum.view(channels, self.row)
+        # the positions in bin i and later: the total less prefix[:, i - 1]
+        count_prefix, y_prefix = count.cumsum(1), y_sum.cumsum(1)
+        count_total, y_total = count_prefix[:, -1:], y_prefix[:, -1:]
         j = torch.arange(1, levels + 1, dtype=torch.float64, device=scale.device)
-        step = max(1, self.lookup_elements // max(1, channels * levels))
+        width = self.width.to(scale.device).view(channels, 1, 1)
+        step = max(1, lookup_elements // max(1, channels * levels))
         out = []
-        for start in range(0, candidates, step):
-            sc, off = scale[:, start:start + step], offset[:, start:start + step]
-            breakpoints = ((j - off.unsqueeze(2)) / sc.unsqueeze(2)).reshape(channels, -1)
-            below = torch.searchsorted(self.q, breakpoints)  # samples under each breakpoint
+        for first in range(0, candidates, step):
+            sc, off = scale[:, first:first + step], offset[:, first:first + step]
+            at = (j - off.unsqueeze(2)) / sc.unsqueeze(2) / width  # breakpoints, in bins from 0
+            inner = at.floor().clamp_(0, self.bins - 1)
+            share = (inner + 1 - at).clamp_(0, 1)  # of the breakpoint's bin, above it
+            inner = inner.long() + 1  # the bin's place in the row
             shape = (channels, sc.shape[1], levels)
-            above = (self.count - below).view(shape).double()
-            y_above = (self.prefix[:, -1:] - self.prefix.gather(1, below)).view(shape)
-            out.append(torch.stack([y_above.sum(dim=2), (above * (2 * j - 1)).sum(dim=2)], dim=2))
+            flat, share = inner.reshape(channels, -1), share.reshape(channels, -1)
+            n = (count_total - count_prefix.gather(1, flat) + share * count.gather(1, flat)).view(shape)
+            ky = (y_total - y_prefix.gather(1, flat) + share * y_sum.gather(1, flat)).view(shape)
+            out.append(torch.stack([ky.sum(dim=2), (n * (2 * j - 1)).sum(dim=2)], dim=2))
         return torch.cat(out, dim=1)
 
 
-def _candidate_sums(samples: _SortedSamples, base: Tensor, fractions: Tensor, shifts: Tensor,
-                    levels: int) -> Tensor:
+def _candidate_sums(histogram: SiteHistogram, base: Tensor, fractions: Tensor, shifts: Tensor, levels: int,
+                    lookup_elements: int) -> Tensor:
     """[C, J, 2]: (sum k*y, sum k^2) per channel for the J per-channel candidates (threshold fraction, shift)."""
     scale = levels / (base.unsqueeze(1) * fractions).clamp_min(1e-6)
-    return samples.sums(scale, 0.5 + shifts, levels)
+    return histogram.sums(scale, 0.5 + shifts, levels, lookup_elements)
 
 
 def _amplitude(sums: Tensor) -> Tensor:
@@ -112,44 +157,27 @@ def _best(sums: Tensor) -> Tensor:
     return (sums[..., 0] * _amplitude(sums)).argmax(dim=1)
 
 
-def search_samples(q: Tensor, y: Tensor, theta: Tensor, levels: int, budget: int | None = None,
-                   samples: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(theta, delta_in, delta_out) per channel that best reproduce the ANN's outputs `y` [C, S] from the
-    quantized network's inputs `q` [C, S] (this process's samples; the sums are reduced over processes).
-
-    Channels are searched independently, so the search takes as many at a time as `budget` bytes allow for
-    `samples` per channel (default S; under torchrun every process passes the same bound, so that they reduce
-    the same slices). No budget: all channels at once. The result does not depend on the slicing."""
-    channels = len(theta)
-    # the lookups run while a slice's sorted inputs and prefix sums (16 of its 40 bytes per sample) are held:
-    # half the budget for them keeps the two within it
-    lookup = LOOKUP_ELEMENTS if budget is None else max(1, min(LOOKUP_ELEMENTS, budget // 2 // LOOKUP_BYTES))
-    per_slice = channels if budget is None else budget // (SEARCH_BYTES_PER_SAMPLE * max(samples or q.shape[1], 1))
-    per_slice = max(1, min(channels, per_slice))
-    parts = [_search_slice(q[i:i + per_slice], y[i:i + per_slice], theta[i:i + per_slice], levels, lookup)
-             for i in range(0, max(channels, 1), per_slice)]
-    return tuple(torch.cat(values) for values in zip(*parts))
-
-
-def _search_slice(q: Tensor, y: Tensor, theta: Tensor, levels: int, lookup_elements: int
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """search_samples on some channels, all at once. Two stages: the grid THRESHOLD_FRACTIONS x SHIFT_STEPS,
-    then a finer grid around each channel's best (REFINE_FRACTIONS x REFINE_SHIFTS, which includes the
-    first-stage choice)."""
-    base = theta.double().to(q.device)
-    samples = _SortedSamples(q, y, lookup_elements)
+def search_histogram(histogram: SiteHistogram, theta: Tensor, levels: int, budget: int | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """(theta, delta_in, delta_out) per channel that best reproduce the ANN's outputs from the quantized
+    network's inputs, as `histogram` (over (0, theta), every process's positions) holds them. Two stages: the
+    grid THRESHOLD_FRACTIONS x SHIFT_STEPS, then a finer grid around each channel's best (REFINE_FRACTIONS x
+    REFINE_SHIFTS, which includes the first-stage choice). `budget` bounds the breakpoint lookups (they take
+    as many candidates at a time as it holds; the result does not depend on it)."""
+    lookup = LOOKUP_ELEMENTS if budget is None else max(1, min(LOOKUP_ELEMENTS, budget // LOOKUP_BYTES))
+    base = theta.detach().double().to(histogram.count.device)
     grid = [(f, s) for f in THRESHOLD_FRACTIONS for s in SHIFT_STEPS]
-    ones = torch.ones(len(base), 1, dtype=torch.float64, device=q.device)
-    fractions = ones * torch.tensor([f for f, _ in grid], dtype=torch.float64, device=q.device)
-    shifts = ones * torch.tensor([s for _, s in grid], dtype=torch.float64, device=q.device)
-    best = _best(distributed.reduce_sum(_candidate_sums(samples, base, fractions, shifts, levels)))
-    rows = torch.arange(len(base), device=q.device)
+    ones = torch.ones(len(base), 1, dtype=torch.float64, device=base.device)
+    fractions = ones * torch.tensor([f for f, _ in grid], dtype=torch.float64, device=base.device)
+    shifts = ones * torch.tensor([s for _, s in grid], dtype=torch.float64, device=base.device)
+    best = _best(_candidate_sums(histogram, base, fractions, shifts, levels, lookup))
+    rows = torch.arange(len(base), device=base.device)
     fraction, shift = fractions[rows, best], shifts[rows, best]
     offsets = [(df, ds) for df in REFINE_FRACTIONS for ds in REFINE_SHIFTS]
     fractions = (fraction.unsqueeze(1) + torch.tensor([df for df, _ in offsets], dtype=torch.float64,
-                                                      device=q.device)).clamp(MIN_FRACTION, 1.0)
-    shifts = shift.unsqueeze(1) + torch.tensor([ds for _, ds in offsets], dtype=torch.float64, device=q.device)
-    sums = distributed.reduce_sum(_candidate_sums(samples, base, fractions, shifts, levels))
+                                                      device=base.device)).clamp(MIN_FRACTION, 1.0)
+    shifts = shift.unsqueeze(1) + torch.tensor([ds for _, ds in offsets], dtype=torch.float64, device=base.device)
+    sums = _candidate_sums(histogram, base, fractions, shifts, levels, lookup)
     best = _best(sums)
     fraction, shift = fractions[rows, best], shifts[rows, best]
     new_theta = (base * fraction).clamp_min(1e-6)
@@ -162,47 +190,40 @@ def _search_slice(q: Tensor, y: Tensor, theta: Tensor, levels: int, lookup_eleme
 
 def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: float | None
                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """search_samples over every position of the [B, C, ...] inputs x_q and x_ann."""
-    return search_samples(channels_last_2d(x_q), activation(channels_last_2d(x_ann), cap), theta, levels)
+    """search_histogram over every position of the [B, C, ...] inputs x_q and x_ann (of this process)."""
+    histogram = SiteHistogram(theta, histogram_bins(levels))
+    histogram.add(x_q, activation(x_ann, cap))
+    return search_histogram(histogram, theta, levels)
 
 
 class SitePoint(Point):
-    """A site of `fit`: gathers its sampled (input, ANN output) pairs, then searches its parameters within a
-    share of the memory budget."""
+    """A site of `fit`: adds its (input, ANN output) pairs to a histogram, then searches its parameters (the
+    lookups within a share of the memory budget)."""
 
-    def __init__(self, name: str, module: QCFS, num_images: int, budget: int):
+    def __init__(self, name: str, module: QCFS, budget: int):
         self.name = name
         self.module = module
-        self.count = per_image(SAMPLES_PER_CHANNEL, num_images)
-        self.samples = self.count * num_images  # an upper bound, the same in every process
         self.budget = int(SEARCH_BUDGET_SHARE * budget)
-        self.q: list[Tensor] = []
-        self.y: list[Tensor] = []
+        self.histogram: SiteHistogram | None = None
 
     def collect(self, x_q: Tensor, x_ann: Tensor, keys: list[bytes], call: Any = None) -> None:
-        positions = x_q[0].numel() // x_q.shape[1] if x_q.numel() else 0
-        index = sample_index(keys, self.name, positions, self.count, x_q.device)
-        q, a = channels_last_2d(x_q), channels_last_2d(x_ann)
-        if index is not None:
-            q, a = q[:, index], a[:, index]
-        self.q.append(q)
-        self.y.append(activation(a, self.module.cap))
+        if self.histogram is None:
+            self.histogram = SiteHistogram(self.module.theta, histogram_bins(self.module.resolution))
+        self.histogram.add(x_q, activation(x_ann, self.module.cap))
 
     def finish(self) -> None:
         module = self.module
-        empty = torch.zeros(module.theta.numel(), 0, device=module.theta.device)
-        q = torch.cat(self.q, dim=1) if self.q else empty
-        self.q = []  # the chunks go as soon as they are joined
-        y = torch.cat(self.y, dim=1) if self.y else empty
-        self.y = []
-        theta, delta_in, delta_out = search_samples(q, y, module.theta, module.resolution, self.budget, self.samples)
+        histogram = self.histogram or SiteHistogram(module.theta, histogram_bins(module.resolution))
+        self.histogram = None  # it goes once searched
+        histogram.reduce()
+        theta, delta_in, delta_out = search_histogram(histogram, module.theta, module.resolution, self.budget)
         module.theta.copy_(theta)
         module.delta_in.copy_(delta_in)
         module.delta_out.copy_(delta_out)
 
 
-def site_points(modules: Mapping[str, QCFS], num_images: int, budget: int) -> dict[QCFS, Point]:
-    return {module: SitePoint(name, module, num_images, budget) for name, module in modules.items()}
+def site_points(modules: Mapping[str, QCFS], budget: int) -> dict[QCFS, Point]:
+    return {module: SitePoint(name, module, budget) for name, module in modules.items()}
 
 
 @calibration_method("fit")
@@ -210,5 +231,5 @@ def fit_sites(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBatch
               progress: Progress) -> dict[str, Any]:
     """Per-channel threshold, rounding shift and amplitude fitted to the ANN, site by site."""
     num_images = distributed.reduce_count(batches.num_images)
-    notes = run_paired(PairedPass(model, site_points(modules, num_images, budget)), batches, budget, progress, "fit")
+    notes = run_paired(PairedPass(model, site_points(modules, budget)), batches, budget, progress, "fit")
     return {"fit_images": num_images, "fit_schedule": notes["schedule"]}

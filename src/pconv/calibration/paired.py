@@ -15,8 +15,9 @@ forward may go past it. Two schedules give the same result:
   the latest cut before the point is kept while the budget allows, and the next rounds resume there
   (`Cuts`): a cut is the input of a child of an nn.Sequential, which nothing but that child reads.
 
-What a point keeps of the images is a sample chosen by each image's own content (sampling.py) and sums
-over it, so both schedules, any batching and any number of processes see the same sample.
+What a point keeps of the images is sums that add over images (`fit`: a histogram of every position; `refit`:
+normal equations over a sample of positions chosen by each image's own content, sampling.py), so both
+schedules, any batching and any number of processes see the same positions.
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ def refit_layers(model: nn.Module, modules: Mapping[str, QCFS], batches: ImageBa
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(getattr(m, "weight", None), nn.Parameter)}
     points = {id(m.weight): LayerPoint(name, m, num_images) for name, m in layers.items()}
-    paired = PairedPass(model, site_points(modules, num_images, budget), points, _Calls())
+    paired = PairedPass(model, site_points(modules, budget), points, _Calls())
     notes = run_paired(paired, batches, budget, progress, "refit")
     fitted = {p.name: p.fitted for p in points.values() if p.fitted is not None}
     with torch.no_grad():

@@ -1,8 +1,8 @@
 """Which positions of each image a calibration looks at: chosen by the image itself.
 
-`fit` and `refit` work on a sample of the positions where a site or layer sees its input. Each image
-contributes the same number of positions, drawn with a seed made from a digest of the image's pixels and
-the site's name. So the sample is the same however the images are batched, ordered, streamed or sharded
+`refit` works on a sample of the positions where a layer sees its input (`recon` draws its steps' images the
+same way; `fit` needs no sample: it bins every position). Each image contributes the same number of
+positions, drawn with a seed made from a digest of the image's pixels and the layer's name. So the sample is the same however the images are batched, ordered, streamed or sharded
 over processes: a streamed calibration equals a whole-set one, and `torchrun` equals one process.
 """
 

@@ -3,9 +3,9 @@
 One budget bounds what calibration holds beyond the model and one batch of the data loader: the decoded
 calibration images it keeps between passes (at most half the budget), the inputs of one site it caches
 (`da`), the images it runs through the network at once in the passes that must see the whole set
-(`fit`, `refit`, the sensitivity pass), and the working set of `fit`'s search at one site. `fit`'s
-sample of positions is not counted against it: its size is fixed per site (fit.py's SAMPLES_PER_CHANNEL per
-channel, 8 bytes each). Past the budget pconv recomputes instead of holding, so what it holds
+(`fit`, `refit`, the sensitivity pass), and the breakpoint lookups of `fit`'s search at one site. `fit`'s
+histogram of a site's inputs (and its cumulative sums while searching) is not counted against it: its size is
+fixed per site (fit.py: at least MIN_BINS bins per channel, 16 bytes each). Past the budget pconv recomputes instead of holding, so what it holds
 depends on the model, the batch size and the budget, never on the number of images.
 
 Tensor bytes are counted at the dispatcher (`TensorMeter`): every tensor storage created while the meter is
