@@ -200,6 +200,8 @@ class SitePoint(Point):
     """A site of `fit`: adds its (input, ANN output) pairs to a histogram, then searches its parameters (the
     lookups within a share of the memory budget)."""
 
+    uses_keys = False  # every position is binned: no sample to draw
+
     def __init__(self, name: str, module: QCFS, budget: int):
         self.name = name
         self.module = module

@@ -46,6 +46,9 @@ class Point:
 
     name: str = ""
     done: bool = False
+    #: Whether `collect` reads the images' keys (sampling.py); hashing every image of every chunk is skipped
+    #: when no point does (then `keys` is empty).
+    uses_keys: bool = True
 
     def collect(self, x_q: Tensor, x_ann: Tensor, keys: list[bytes], call: dict[str, Any] | None = None) -> None:
         """Add one chunk's share (x_q: the quantized network's input of the point, x_ann: the ANN's)."""
@@ -79,6 +82,7 @@ class PairedPass:
         self.schedule = "discover"  # "discover" the order, fit "as reached", or one point per "round"
         self.active: Point | None = None
         self.keys: list[bytes] = []
+        self.uses_keys = any(point.uses_keys for point in [*self.sites.values(), *self.layers.values()])
         self.on_fitted: Callable[[], None] | None = None
         self.cuts = Cuts(model)
         self.chains: dict[int, tuple] = {}  # id(point) -> its cut chain (found in discovery)
@@ -127,7 +131,7 @@ class PairedPass:
                 module.bypass = False
 
     def _forward(self, images: Tensor, chunk: int | None = None) -> None:
-        self.keys = image_keys(images)
+        self.keys = image_keys(images) if self.uses_keys else []
         images = images.to(self.device, non_blocking=True)
         with torch.no_grad(), self.cuts.resumed(chunk):
             try:
