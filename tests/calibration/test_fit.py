@@ -265,3 +265,51 @@ def test_refitted_snn_round_trips_and_keeps_the_ann(tmp_path):
         # the SNN's ANN is the source model, refit undone, before and after the file
         assert torch.equal(snn.to_ann()(x), model(x)) and torch.equal(reloaded.to_ann()(x), model(x))
     assert set(reloaded.ann_weights) == set(snn.ann_weights)
+
+
+def test_histogram_sums_count_the_overflow_levels_and_stop_at_each_candidates_top():
+    """With an overflow neuron a candidate's k has levels + T steps over a histogram spanning (0, 2*theta); on
+    a ReLU6 site each candidate stops at its own top. Breakpoints on bin edges: the sums are the direct ones."""
+    bins, levels, extra = 64, 4, 4
+    theta = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    q = torch.rand(2, 40000, generator=g, dtype=torch.float64) * 6.5 - 0.2
+    y = (q + 0.1 * torch.randn(q.shape, generator=g, dtype=torch.float64)).relu()
+    histogram = SiteHistogram(2 * theta, 2 * bins)
+    histogram.add(q.unsqueeze(0), y.unsqueeze(0))
+    offsets = torch.tensor([[0.5, 0.25, 0.6875]], dtype=torch.float64).expand(2, 3)
+    scales = (levels / theta).unsqueeze(1).expand(2, 3)  # breakpoints on edges of bins of theta/64
+    sums = histogram.sums(scales, offsets, levels + extra)
+    for c in range(2):
+        assert torch.allclose(sums[c], direct_sums(q[c], y[c], scales[c], offsets[c], levels + extra), rtol=1e-12)
+    plain = histogram.sums(scales, offsets, levels)
+    assert (sums[..., 1] > plain[..., 1]).all()  # the overflow levels count
+    top = torch.tensor([[4.0, 6.0, 8.0], [5.0, 4.0, 7.0]], dtype=torch.float64)
+    capped = histogram.sums(scales, offsets, levels + extra, top=top)
+    for c in range(2):
+        for j in range(3):
+            k = torch.clamp(torch.floor(scales[c, j] * q[c] + offsets[c, j]), 0, top[c, j])
+            assert torch.allclose(capped[c, j], torch.stack([(k * y[c]).sum(), (k * k).sum()]), rtol=1e-12)
+
+
+def test_fit_searches_with_the_overflow_neuron_in_place():
+    """Inputs that run past the recorded maximum (as unseen images' do): searched with its overflow neuron in
+    place, a site reproduces the ANN better with that neuron than a search made without it, and no worse than
+    the plain site searched for itself."""
+    from pconv.calibration.fit import Overflow
+    from pconv.nn import functional as PF
+    g = torch.Generator().manual_seed(3)
+    T = 4
+    x_ann = torch.randn(64, 6, 8, 8, generator=g) * torch.linspace(0.5, 2.0, 6).view(1, 6, 1, 1) + 0.3
+    x_q = x_ann + 0.05 * torch.randn(x_ann.shape, generator=g)
+    theta = x_ann[:32].clamp_min(0).amax(dim=(0, 2, 3))  # the first half's maxima: the rest overshoots them
+    y = activation(x_ann, None)
+
+    def error(params, overflow):
+        out = PF.qcfs(x_q, *params, T, overflow=overflow)
+        return ((out - y) ** 2).mean().item()
+
+    aware = search_site(x_q, x_ann, theta, T, None, Overflow(T))
+    unaware = search_site(x_q, x_ann, theta, T, None)
+    assert error(aware, True) < error(unaware, True)
+    assert error(aware, True) < error(unaware, False)

@@ -227,7 +227,7 @@ def test_eval_plot_draws_a_png_with_the_step_curve(snn_file, folders, tmp_path):
 def test_inspect_snn_and_calibration(snn_file, calib_file):
     doc = run_json("inspect", snn_file)
     assert doc["kind"] == "snn" and doc["time_steps"] == 4 and doc["neuron"] == "parallel"
-    assert doc["model"]["name"] == TINY and doc["format_version"] == 6 and doc["encoding_levels"] == 64
+    assert doc["model"]["name"] == TINY and doc["format_version"] == 7 and doc["encoding_levels"] == 64
     # relu1 sees the image through conv1/bn1 only: it encodes it, with what the budget chose for it (always
     # listed, at most ceil(64/4) = 16 neurons per channel); act2 with what the budget gave it, one if nothing
     relu1, act2 = doc["populated"]["4"]["relu1"], doc["populated"]["4"].get("act2", 1)
@@ -483,11 +483,14 @@ def run_by_the_spec(snn_file, folders) -> None:
     with safe_open(str(snn_file), framework="pt") as f:
         meta = f.metadata()
         t = {name: f.get_tensor(name) for name in f.keys()}
-    assert meta["pconv.format"] == "pconv" and meta["pconv.format_version"] == "6" and meta["neuron"] == "parallel"
+    assert meta["pconv.format"] == "pconv" and meta["pconv.format_version"] == "7" and meta["neuron"] == "parallel"
     T = int(meta["time_steps"])
     levels = int(meta["encoding_levels"])
     populated = json.loads(meta["populated"])  # {site: neurons per channel} for the sites the budget chose
     encoding = {s["name"]: s["encoding"] for s in json.loads(meta["sites"])}
+    cap = {s["name"]: s["cap"] for s in json.loads(meta["sites"])}
+    overflow = json.loads(meta["overflow"])  # sites with one more neuron per channel above the top level
+    assert overflow == ["act2"]  # the defaults give the last quarter of the two sites one
     cfg = json.loads(meta["data_config"])
     w = {k[len("weights."):]: v for k, v in t.items() if k.startswith("weights.")}
 
@@ -497,6 +500,13 @@ def run_by_the_spec(snn_file, folders) -> None:
         unlisted = (-(-levels // T) if levels > T else 1) if encoding[site] else 1
         m = populated.get(site, unlisted)  # per channel
         k = sum(torch.clamp(torch.floor((T * x + bias + j * theta_in / m) / theta_in), 0, T) for j in range(m))
+        if site in overflow:  # its own count, up to E levels (T, fewer under a ReLU6 cap) above the top one
+            E = torch.full_like(theta_out, float(T))
+            if cap[site] is not None:
+                room = torch.floor((cap[site] - theta_out) * m * T / theta_out).clamp(0, T)
+                E = torch.where(theta_out > 0, room, torch.zeros_like(room))
+            k_o = torch.clamp(torch.floor((T * x + bias - T * theta_in) / (theta_in / m)), 0, T)
+            k = k + torch.minimum(k_o, E)
         return theta_out * k / (m * T)
 
     def forward(x):  # TinyCNN, re-implemented from its weights and the spec

@@ -12,16 +12,23 @@ function of x_q whose steps all lie in (0, theta): so a histogram of x_q over (0
 the count and the sum of y in each bin, gives both for any candidate (within a bin the positions are taken
 as spread evenly). The histogram has a fixed size per channel, adds over images, batches and processes, and
 so the search sees every position whatever the number of images, in memory that does not grow with it.
+
+A site with an overflow neuron counts up to T more levels above the top one (functional.qcfs): its k has
+L + T steps, the last ones above the candidate's threshold, so its histogram spans (0, 2*theta) (the same bins,
+twice as many), and on a ReLU6 site a candidate counts only the levels its threshold leaves below the cap. Searched
+without them, the amplitude would be fitted to positions the overflow neuron then adds to a second time.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..data.batches import ImageBatches
+from ..nn import functional as PF
 from ..nn.qcfs import QCFS, activation
 from ..utils import distributed
 from ..utils.progress import Progress
@@ -108,12 +115,14 @@ class SiteHistogram:
         self.count = distributed.reduce_sum(self.count)
         self.y_sum = distributed.reduce_sum(self.y_sum)
 
-    def sums(self, scale: Tensor, offset: Tensor, levels: int, lookup_elements: int = LOOKUP_ELEMENTS) -> Tensor:
+    def sums(self, scale: Tensor, offset: Tensor, levels: int, lookup_elements: int = LOOKUP_ELEMENTS,
+             top: Tensor | None = None) -> Tensor:
         """[C, J, 2]: (Σk·y, Σk²) of the J candidates (scale, offset: [C, J]) of every channel, by
 
             Σ_i k_i·y_i = Σ_j Σ_{q_i >= t_j} y_i            Σ_i k_i² = Σ_j (2j - 1)·#{q_i >= t_j}
 
-        with the part of t_j's own bin above t_j counted in proportion to its width."""
+        with the part of t_j's own bin above t_j counted in proportion to its width. `top` ([C, J], or None for
+        `levels`): each candidate's largest count, k = min(#{j: q >= t_j}, top); its breakpoints above it drop."""
         channels, candidates = scale.shape
         count = self.count.view(channels, self.row)
         y_sum = self.y_sum.view(channels, self.row)
@@ -126,6 +135,7 @@ class SiteHistogram:
         out = []
         for first in range(0, candidates, step):
             sc, off = scale[:, first:first + step], offset[:, first:first + step]
+            kept = None if top is None else (j <= top[:, first:first + step].unsqueeze(2)).double()
             at = (j - off.unsqueeze(2)) / sc.unsqueeze(2) / width  # breakpoints, in bins from 0
             inner = at.floor().clamp_(0, self.bins - 1)
             share = (inner + 1 - at).clamp_(0, 1)  # of the breakpoint's bin, above it
@@ -134,15 +144,36 @@ class SiteHistogram:
             flat, share = inner.reshape(channels, -1), share.reshape(channels, -1)
             n = (count_total - count_prefix.gather(1, flat) + share * count.gather(1, flat)).view(shape)
             ky = (y_total - y_prefix.gather(1, flat) + share * y_sum.gather(1, flat)).view(shape)
+            if kept is not None:
+                n, ky = n * kept, ky * kept
             out.append(torch.stack([ky.sum(dim=2), (n * (2 * j - 1)).sum(dim=2)], dim=2))
         return torch.cat(out, dim=1)
 
 
+@dataclass(frozen=True)
+class Overflow:
+    """A site's overflow neuron as the search sees it: `extra` (T) levels above the top one, as many as fit below
+    `cap` on a ReLU6 site (judged at the candidate's threshold: its amplitude is not known before the search)."""
+
+    extra: int
+    cap: float | None = None
+
+    def top(self, thresholds: Tensor, levels: int) -> Tensor | None:
+        """[C, J]: each candidate's largest count (None: every one's is levels + extra)."""
+        if self.cap is None:
+            return None
+        return PF.overflow_levels(thresholds, levels, self.extra, self.cap) + levels
+
+
 def _candidate_sums(histogram: SiteHistogram, base: Tensor, fractions: Tensor, shifts: Tensor, levels: int,
-                    lookup_elements: int) -> Tensor:
+                    lookup_elements: int, overflow: Overflow | None = None) -> Tensor:
     """[C, J, 2]: (sum k*y, sum k^2) per channel for the J per-channel candidates (threshold fraction, shift)."""
-    scale = levels / (base.unsqueeze(1) * fractions).clamp_min(1e-6)
-    return histogram.sums(scale, 0.5 + shifts, levels, lookup_elements)
+    thresholds = (base.unsqueeze(1) * fractions).clamp_min(1e-6)
+    top = None if overflow is None else overflow.top(thresholds, levels)
+    scale = levels / thresholds
+    del thresholds  # the lookups take the budget's memory: nothing else stays
+    breakpoints = levels if overflow is None else levels + overflow.extra
+    return histogram.sums(scale, 0.5 + shifts, breakpoints, lookup_elements, top)
 
 
 def _amplitude(sums: Tensor) -> Tensor:
@@ -151,33 +182,43 @@ def _amplitude(sums: Tensor) -> Tensor:
     return torch.where(kk > 0, ky / kk.clamp_min(1e-300), torch.zeros_like(kk))
 
 
+#: Candidates whose scores differ by less than this fraction of the best are tied: the first of them is taken.
+TIE = 1e-9
+
+
 def _best(sums: Tensor) -> Tensor:
     """Index of the best candidate per channel (sums [C, J, 2]): at the least-squares amplitude the error is
-    sum y^2 - ky^2/kk, so the best candidate has the largest ky * amplitude."""
-    return (sums[..., 0] * _amplitude(sums)).argmax(dim=1)
+    sum y^2 - ky^2/kk, so the best candidate has the largest ky * amplitude. Of candidates tied within TIE (e.g.
+    several that all reproduce a channel's few positive positions exactly, which an overflow neuron's extra
+    levels make common), the first: float sums gathered in another order (other batches, processes) then choose
+    the same one."""
+    score = sums[..., 0] * _amplitude(sums)
+    best = score.amax(dim=1, keepdim=True)
+    return (score >= best - TIE * best.abs()).to(torch.uint8).argmax(dim=1)
 
 
-def search_histogram(histogram: SiteHistogram, theta: Tensor, levels: int, budget: int | None = None
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+def search_histogram(histogram: SiteHistogram, theta: Tensor, levels: int, budget: int | None = None,
+                     overflow: Overflow | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(theta, delta_in, delta_out) per channel that best reproduce the ANN's outputs from the quantized
     network's inputs, as `histogram` (over (0, theta), every process's positions) holds them. Two stages: the
     grid THRESHOLD_FRACTIONS x SHIFT_STEPS, then a finer grid around each channel's best (REFINE_FRACTIONS x
     REFINE_SHIFTS, which includes the first-stage choice). `budget` bounds the breakpoint lookups (they take
-    as many candidates at a time as it holds; the result does not depend on it)."""
+    as many candidates at a time as it holds; the result does not depend on it). With `overflow`, the candidates
+    count its levels too (the histogram must then span (0, 2*theta): overflow_histogram)."""
     lookup = LOOKUP_ELEMENTS if budget is None else max(1, min(LOOKUP_ELEMENTS, budget // LOOKUP_BYTES))
     base = theta.detach().double().to(histogram.count.device)
     grid = [(f, s) for f in THRESHOLD_FRACTIONS for s in SHIFT_STEPS]
     ones = torch.ones(len(base), 1, dtype=torch.float64, device=base.device)
     fractions = ones * torch.tensor([f for f, _ in grid], dtype=torch.float64, device=base.device)
     shifts = ones * torch.tensor([s for _, s in grid], dtype=torch.float64, device=base.device)
-    best = _best(_candidate_sums(histogram, base, fractions, shifts, levels, lookup))
+    best = _best(_candidate_sums(histogram, base, fractions, shifts, levels, lookup, overflow))
     rows = torch.arange(len(base), device=base.device)
     fraction, shift = fractions[rows, best], shifts[rows, best]
     offsets = [(df, ds) for df in REFINE_FRACTIONS for ds in REFINE_SHIFTS]
     fractions = (fraction.unsqueeze(1) + torch.tensor([df for df, _ in offsets], dtype=torch.float64,
                                                       device=base.device)).clamp(MIN_FRACTION, 1.0)
     shifts = shift.unsqueeze(1) + torch.tensor([ds for _, ds in offsets], dtype=torch.float64, device=base.device)
-    sums = _candidate_sums(histogram, base, fractions, shifts, levels, lookup)
+    sums = _candidate_sums(histogram, base, fractions, shifts, levels, lookup, overflow)
     best = _best(sums)
     fraction, shift = fractions[rows, best], shifts[rows, best]
     new_theta = (base * fraction).clamp_min(1e-6)
@@ -188,12 +229,19 @@ def search_histogram(histogram: SiteHistogram, theta: Tensor, levels: int, budge
     return tuple(v.to(theta) for v in (new_theta, delta_in, delta_out))
 
 
-def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: float | None
-                ) -> tuple[Tensor, Tensor, Tensor]:
+def site_histogram(theta: Tensor, levels: int, overflow: Overflow | None) -> SiteHistogram:
+    """An empty histogram for a site's search: over (0, theta), or (0, 2*theta) with an overflow neuron (whose
+    breakpoints reach up to twice the largest candidate threshold), at the same bin width."""
+    bins = histogram_bins(levels)
+    return SiteHistogram(theta, bins) if overflow is None else SiteHistogram(2 * theta, 2 * bins)
+
+
+def search_site(x_q: Tensor, x_ann: Tensor, theta: Tensor, levels: int, cap: float | None,
+                overflow: Overflow | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """search_histogram over every position of the [B, C, ...] inputs x_q and x_ann (of this process)."""
-    histogram = SiteHistogram(theta, histogram_bins(levels))
+    histogram = site_histogram(theta, levels, overflow)
     histogram.add(x_q, activation(x_ann, cap))
-    return search_histogram(histogram, theta, levels)
+    return search_histogram(histogram, theta, levels, overflow=overflow)
 
 
 class SitePoint(Point):
@@ -207,18 +255,20 @@ class SitePoint(Point):
         self.module = module
         self.budget = int(SEARCH_BUDGET_SHARE * budget)
         self.histogram: SiteHistogram | None = None
+        self.overflow = Overflow(module.levels, module.cap) if module.overflow else None
 
     def collect(self, x_q: Tensor, x_ann: Tensor, keys: list[bytes], call: Any = None) -> None:
         if self.histogram is None:
-            self.histogram = SiteHistogram(self.module.theta, histogram_bins(self.module.resolution))
+            self.histogram = site_histogram(self.module.theta, self.module.resolution, self.overflow)
         self.histogram.add(x_q, activation(x_ann, self.module.cap))
 
     def finish(self) -> None:
         module = self.module
-        histogram = self.histogram or SiteHistogram(module.theta, histogram_bins(module.resolution))
+        histogram = self.histogram or site_histogram(module.theta, module.resolution, self.overflow)
         self.histogram = None  # it goes once searched
         histogram.reduce()
-        theta, delta_in, delta_out = search_histogram(histogram, module.theta, module.resolution, self.budget)
+        theta, delta_in, delta_out = search_histogram(histogram, module.theta, module.resolution, self.budget,
+                                                      self.overflow)
         module.theta.copy_(theta)
         module.delta_in.copy_(delta_in)
         module.delta_out.copy_(delta_out)

@@ -38,6 +38,8 @@ class Calibration:
     #: per T, the hidden sites also population-coded and their neurons per channel (chosen by sensitivity
     #: under a neuron budget): {T: {site: m}}
     populated: dict[int, dict[str, int]] = field(default_factory=dict)
+    #: the sites with an overflow neuron per channel, at every T (CalibrationConfig.overflow)
+    overflow: list[str] = field(default_factory=list)
 
     @property
     def time_steps(self) -> list[int]:

@@ -146,13 +146,14 @@ def load_model(choice: ModelChoice, device: torch.device, overrides: dict[str, A
 
 def calibration_config(time_steps: list[int], threshold: str, method: str, encoding_levels: int,
                        population_budget: float, recon_steps: int | None = None,
-                       recon_drop: float | None = None) -> CalibrationConfig:
+                       recon_drop: float | None = None, overflow_sites: float | None = None) -> CalibrationConfig:
     """The command line's calibration choices, checked together (a bad combination is a usage error)."""
     given = {"recon_steps": recon_steps, "recon_drop": recon_drop}
     options = {name: value for name, value in given.items() if value is not None}
     try:
         config = CalibrationConfig(time_steps=tuple(time_steps), threshold=threshold, method=method,
-                                   encoding_levels=encoding_levels, population_budget=population_budget, **options)
+                                   encoding_levels=encoding_levels, population_budget=population_budget,
+                                   overflow_sites=overflow_sites, **options)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     # the config refuses only a value other than the default; the command line also refuses the default given

@@ -10,8 +10,8 @@ from typing import Any, Callable
 import click
 
 from ..calibration import CALIBRATIONS
-from ..config import (DEFAULT_ENCODING_LEVELS, DEFAULT_METHOD, DEFAULT_POPULATION_BUDGET, DEFAULT_RECON_DROP,
-                      DEFAULT_RECON_STEPS, DEFAULT_THRESHOLD, MAX_RECON_STEPS, MAX_TIME_STEPS, check_time_steps)
+from ..config import (DEFAULT_ENCODING_LEVELS, DEFAULT_METHOD, DEFAULT_OVERFLOW_SITES, DEFAULT_POPULATION_BUDGET,
+                      DEFAULT_RECON_DROP, DEFAULT_RECON_STEPS, DEFAULT_THRESHOLD, MAX_RECON_STEPS, MAX_TIME_STEPS, check_time_steps)
 from ..data.config import CROP_MODES, INTERPOLATIONS
 from ..errors import ConfigError
 from ..nn.neurons import ENGINES, NEURONS
@@ -252,8 +252,8 @@ class MemorySize(click.ParamType):
 
 
 def calibration_options(f: Callable) -> Callable:
-    """--threshold, --calibration, --recon-steps, --recon-drop, --encoding-levels, --population-budget and
-    --memory-budget."""
+    """--threshold, --calibration, --recon-steps, --recon-drop, --encoding-levels, --population-budget,
+    --overflow-sites and --memory-budget."""
     f = click.option("--memory-budget", type=MemorySize(), default=None,
                      help="Most memory calibration holds beyond the model and one batch, e.g. 4GiB [default: a "
                           f"fifth of this machine's memory, {default_budget() / GiB:.1f} GiB]; past it pconv "
@@ -265,6 +265,11 @@ def calibration_options(f: Callable) -> Callable:
                      help=f"Probability that --calibration recon passes an activation of the block it trains "
                           f"unrounded (QDrop) [default: {DEFAULT_RECON_DROP}]; 0: every block trains on rounded "
                           "activations only.")(f)
+    f = click.option("--overflow-sites", type=click.FloatRange(0.0, 1.0), default=None,
+                     help="Give the last this fraction of the activation sites one more neuron per channel that "
+                          "counts up to T levels above the site's top one, for what unseen images bring above the "
+                          f"calibration's range [default: {DEFAULT_OVERFLOW_SITES} with population coding on, 0 "
+                          "with --encoding-levels 0 or --population-budget 0]; 0: none.")(f)
     f = click.option("--population-budget", type=click.FloatRange(0.0, 100.0), default=DEFAULT_POPULATION_BUDGET,
                      show_default=True,
                      help="Choose every site's neurons per channel, the encoding sites' included, where they "
@@ -283,7 +288,8 @@ def calibration_options(f: Callable) -> Callable:
 
 
 #: The parameter names calibration_options adds (convert refuses them with --calib).
-CALIBRATION_PARAMETERS = ["threshold", "method", "encoding_levels", "population_budget", "recon_steps",
+CALIBRATION_PARAMETERS = ["threshold", "method", "encoding_levels", "population_budget", "overflow_sites",
+                          "recon_steps",
                           "recon_drop", "memory_budget"]
 
 

@@ -171,6 +171,14 @@ def population_summary(calibration: Calibration, time_steps: list[int]) -> str:
     return "; ".join(parts) or "none"
 
 
+def overflow_summary(calibration: Calibration) -> str:
+    """One line: the sites with an overflow neuron per channel (the last ones, at every T), first and last named."""
+    names = calibration.overflow
+    shown = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
+    return (f"{len(names)} of {len(calibration.sites)} sites ({shown}): one more neuron per channel for up to T "
+            "levels above the top one")
+
+
 #: The provenance entries about memory that calibrate and convert report.
 MEMORY_KEYS = ("memory_budget_mb", "peak_tensor_mb", "peak_rss_mb")
 

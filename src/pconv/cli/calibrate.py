@@ -19,7 +19,7 @@ from ._loading import (FolderRun, ModelChoice, calibrate_on_folder, calibration_
 from ._options import (TimeStepsList, calibration_options, debug_option, device_option, json_option, loader_options,
                        model_options, num_images_option, preprocessing_options)
 from ._output import (MEMORY_KEYS, Output, encoding_summary, human_bytes, key_value_table, memory_summary,
-                      plan_summary, population_summary)
+                      overflow_summary, plan_summary, population_summary)
 
 
 @click.command("calibrate")
@@ -41,8 +41,8 @@ from ._output import (MEMORY_KEYS, Output, encoding_summary, human_bytes, key_va
 @debug_option
 def calibrate(choice: ModelChoice, data: Path, output: Path, time_steps: list[int], num_images: int | None,
               batch_size: int, seed: int, workers: int, threshold: str, method: str, encoding_levels: int,
-              population_budget: float, recon_steps: int | None, recon_drop: float | None,
-              memory_budget: int | None, overrides: dict, use_train_size: bool, device: str,
+              population_budget: float, overflow_sites: float | None, recon_steps: int | None,
+              recon_drop: float | None, memory_budget: int | None, overrides: dict, use_train_size: bool, device: str,
               force: bool, as_json: bool) -> None:
     """Record thresholds and calibration statistics of MODEL on the images in --data.
 
@@ -51,7 +51,7 @@ def calibrate(choice: ModelChoice, data: Path, output: Path, time_steps: list[in
     """
     out = Output(as_json)
     config = calibration_config(time_steps, threshold, method, encoding_levels, population_budget, recon_steps,
-                                recon_drop)
+                                recon_drop, overflow_sites)
     check_output(output, force)  # fail before the expensive part
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -75,6 +75,7 @@ def calibrate(choice: ModelChoice, data: Path, output: Path, time_steps: list[in
         "population_budget": population_budget,
         "populations": {T: {n: m for n, m in calibration.populations(T).items() if m > 1}
                         for T in calibration.time_steps},
+        "overflow": calibration.overflow,
         "num_sites": len(calibration.sites),
         "num_images": calibration.provenance.get("num_images"),
         "seed": seed,
@@ -95,6 +96,7 @@ def calibrate(choice: ModelChoice, data: Path, output: Path, time_steps: list[in
             ("calibration", plan_summary(calibration, calibration.time_steps)),
             ("encoding", encoding_summary(calibration, calibration.time_steps)),
             *([("population", population_summary(calibration, calibration.time_steps))] if population_budget else []),
+            *([("overflow", overflow_summary(calibration))] if calibration.overflow else []),
             ("images", f"{doc['num_images']} from {data} (seed {seed})"),
             ("input", f"{'x'.join(map(str, data_config['input_size']))}, mean {tuple(data_config['mean'])}, "
                       f"std {tuple(data_config['std'])}"),

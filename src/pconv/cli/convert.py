@@ -17,7 +17,8 @@ from ._loading import (FolderRun, ModelChoice, calibrate_on_folder, calibration_
 from ._options import (CALIBRATION_PARAMETERS, TimeSteps, calibration_options, check_not_given, debug_option,
                        device_option, json_option, loader_options, model_options, neuron_option, num_images_option,
                        preprocessing_options)
-from ._output import Output, encoding_summary, human_bytes, key_value_table, plan_summary, population_summary
+from ._output import (Output, encoding_summary, human_bytes, key_value_table, overflow_summary, plan_summary,
+                      population_summary)
 
 #: What only applies when calibrating from images: refused with --calib, which fixes them.
 CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", *CALIBRATION_PARAMETERS,
@@ -49,7 +50,8 @@ CALIBRATION_OPTIONS = ["num_images", "batch_size", "seed", "workers", *CALIBRATI
 @click.pass_context
 def convert(ctx: click.Context, choice: ModelChoice, calib: Path | None, data: Path | None, output: Path,
             time_steps: int | None, neuron: str, num_images: int | None, batch_size: int, seed: int, workers: int,
-            threshold: str, method: str, encoding_levels: int, population_budget: float, recon_steps: int | None,
+            threshold: str, method: str, encoding_levels: int, population_budget: float,
+            overflow_sites: float | None, recon_steps: int | None,
             recon_drop: float | None, memory_budget: int | None,
             overrides: dict, use_train_size: bool, device: str, force: bool, as_json: bool) -> None:
     """Convert MODEL into a spiking network with T time steps and write it to one safetensors file.
@@ -64,7 +66,7 @@ def convert(ctx: click.Context, choice: ModelChoice, calib: Path | None, data: P
     out = Output(as_json)
     if data is not None:
         config = calibration_config([time_steps or DEFAULT_T], threshold, method, encoding_levels, population_budget,
-                                    recon_steps, recon_drop)
+                                    recon_steps, recon_drop, overflow_sites)
     check_output(output, force)
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -105,6 +107,7 @@ def convert(ctx: click.Context, choice: ModelChoice, calib: Path | None, data: P
         "config": calibration.config.to_dict(),
         "encoding_levels": calibration.encoding_levels,
         "populations": {n: m for n, m in calibration.populations(time_steps).items() if m > 1},
+        "overflow": list(snn.info.overflow),
         "calibrated_on": source,
         "num_sites": len(snn.info.sites),
         "num_channels": sum(neurons_per_site.values()),
@@ -123,6 +126,7 @@ def convert(ctx: click.Context, choice: ModelChoice, calib: Path | None, data: P
             ("calibration", f"{plan_summary(calibration, [time_steps])} on {source}"),
             ("encoding", encoding_summary(calibration, [time_steps])),
             *([("population", population_summary(calibration, [time_steps]))] if calibration.populated else []),
+            *([("overflow", overflow_summary(calibration))] if calibration.overflow else []),
             ("time", f"{doc['seconds']:.1f} s on {dev}"),
         ], title=f"SNN written to {path} ({human_bytes(doc['bytes'])})"))
         console.print(f"Next: pconv eval {path} --data DIR", markup=False)

@@ -58,6 +58,7 @@ def describe(path: Path, thresholds: bool = True) -> dict[str, Any]:
         "weight_bytes": sum(t["data_offsets"][1] - t["data_offsets"][0] for n, t in header.tensors.items()
                             if n.startswith("weights.")),
         "populated": {str(t): dict(sizes) for t, sizes in meta.populated.items()},
+        "overflow": list(meta.overflow),
     }
     steps = meta.time_steps
     if meta.kind == "snn":
@@ -74,6 +75,7 @@ def describe(path: Path, thresholds: bool = True) -> dict[str, Any]:
         population = {str(t): populations([site], t, meta.encoding_levels, meta.populated.get(t))[site.name]
                       for t in steps}
         entry["population"] = population[str(steps[0])] if meta.kind == "snn" else population
+        entry["overflow"] = site.name in meta.overflow  # one more neuron per channel, at every T
         if thresholds and meta.kind == "snn":
             entry["theta"] = stats[names[site.name]]
         elif thresholds:
@@ -127,7 +129,8 @@ def render(console, doc: dict[str, Any]) -> None:
     table.add_column("channels", justify="right")
     steps = [doc["time_steps"]] if doc["kind"] == "snn" else doc["time_steps"]
     per_t = "" if doc["kind"] == "snn" else f" (T={'/'.join(map(str, steps))})"
-    table.add_column(f"neurons/channel{per_t}", justify="right")
+    table.add_column(f"neurons/channel{per_t}" + (" (+1: overflow)" if doc.get("overflow") else ""),
+                     justify="right")
     # Thresholds at one T (for a calibration: the smallest; they differ across T only for T-aware methods).
     t0 = steps[0]
     with_theta = bool(doc["sites"]) and "theta" in doc["sites"][0]
@@ -138,7 +141,8 @@ def render(console, doc: dict[str, Any]) -> None:
     for i, s in enumerate(doc["sites"]):
         cells = [str(i), s["name"], s["activation"] + (f" (cap {s['cap']:g})" if s.get("cap") else ""),
                  str(s["channels"]),
-                 str(s["population"]) if doc["kind"] == "snn" else "/".join(str(s["population"][str(t)]) for t in steps)]
+                 (str(s["population"]) if doc["kind"] == "snn" else "/".join(str(s["population"][str(t)]) for t in steps))
+                 + ("+1" if s.get("overflow") else "")]
         if with_theta:
             th = s["theta"] if doc["kind"] == "snn" else s["theta"][str(t0)]
             cells += [f"{th['mean']:.4g}", f"{th['max']:.4g}"]

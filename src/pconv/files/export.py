@@ -49,7 +49,8 @@ def snn_metadata(info: ConversionInfo) -> FileMetadata:
         kind="snn", time_steps=(info.time_steps,), sites=tuple(info.sites), threshold=info.threshold,
         method=info.method, model=info.source, data_config=dict(info.data_config),
         provenance=dict(info.provenance), encoding_levels=info.encoding_levels,
-        populated={info.time_steps: dict(info.populated)} if info.populated else {}, neuron=info.neuron,
+        populated={info.time_steps: dict(info.populated)} if info.populated else {},
+        overflow=tuple(info.overflow), neuron=info.neuron,
         num_classes=info.num_classes, config=CalibrationConfig.from_dict(info.config) if info.config else None)
 
 
@@ -108,7 +109,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", trust_factory: bo
         time_steps=T, neuron=meta.neuron, sites=list(meta.sites), threshold=meta.threshold,
         method=meta.method, source=meta.model, data_config=dict(meta.data_config),
         provenance=dict(meta.provenance), encoding_levels=meta.encoding_levels,
-        populated=dict(meta.populated.get(T, {})), num_classes=meta.num_classes,
+        populated=dict(meta.populated.get(T, {})), overflow=list(meta.overflow), num_classes=meta.num_classes,
         config=meta.config.to_dict() if meta.config else None)
     params = {s.name: tuple(tensors[f"neurons.{s.name}.{leaf}"] for leaf in NEURON_TENSORS) for s in meta.sites}
     snn = spiking_network(model, info, params)
@@ -124,7 +125,7 @@ def calibration_metadata(calibration: Calibration) -> FileMetadata:
         data_config=dict(calibration.data_config), provenance=dict(calibration.provenance),
         encoding_levels=calibration.encoding_levels,
         populated={T: dict(sizes) for T, sizes in calibration.populated.items() if sizes},
-        config=calibration.config)
+        overflow=tuple(calibration.overflow), config=calibration.config)
 
 
 def save_calibration(calibration: Calibration, path: str | Path, force: bool = False) -> Path:
@@ -164,7 +165,8 @@ def load_calibration(path: str | Path) -> Calibration:
     channel_max = {s.name: tensors[f"stats.{s.name}.max"] for s in meta.sites if f"stats.{s.name}.max" in tensors}
     return Calibration(sites=list(meta.sites), config=_config_of(meta, path), params=params, channel_max=channel_max,
                        source=meta.model, data_config=dict(meta.data_config), provenance=dict(meta.provenance),
-                       weights=weights, populated={T: dict(sizes) for T, sizes in meta.populated.items()})
+                       weights=weights, populated={T: dict(sizes) for T, sizes in meta.populated.items()},
+                       overflow=list(meta.overflow))
 
 
 def _config_of(meta: FileMetadata, path: Path) -> CalibrationConfig:
@@ -174,10 +176,13 @@ def _config_of(meta: FileMetadata, path: Path) -> CalibrationConfig:
             raise FormatError(f"{str(path)!r}: the config's T ({list(meta.config.time_steps)}) are not the file's "
                               f"({list(meta.time_steps)})", "the file is corrupt")
         return meta.config
+    if meta.overflow:  # overflow neurons came after the config entry: pconv never wrote such a file
+        raise FormatError(f"{str(path)!r} names overflow sites but records no config", "the file is corrupt")
     try:
         return CalibrationConfig(time_steps=meta.time_steps, threshold=meta.threshold, method=meta.method,
                                  encoding_levels=meta.encoding_levels,
-                                 population_budget=float(meta.provenance.get("population_budget", 0.0)))
+                                 population_budget=float(meta.provenance.get("population_budget", 0.0)),
+                                 overflow_sites=0.0)  # written before overflow neurons
     except (ConfigError, TypeError, ValueError) as e:
         raise FormatError(f"{str(path)!r}: its threshold, method or population budget cannot be read ({e})",
                           "the file is corrupt, or made by a newer pconv") from None

@@ -13,6 +13,8 @@ Version 5 gives each of them its own neurons per channel: "populated" is {site: 
 Version 6 lets "populated" name the encoding sites too (1 to ceil(encoding_levels/T) neurons per channel, chosen
 under the budget); an encoding site it does not name has ceil(encoding_levels/T), as in every earlier version.
 A version-5 reader would give a named encoding site the wrong size.
+Version 7 adds the metadata entry "overflow": the sites with an overflow neuron per channel (a list, the same at
+every T); a version-6 reader would build them without it. Absent: none.
 
 `FileMetadata` is the one description of both kinds: `to_metadata()` writes it, `from_metadata()` reads and
 validates every value (a wrong one is a FormatError naming the field), `read_metadata(path)` reads it
@@ -39,12 +41,12 @@ from ..observe.sites import ACTIVATIONS, Site
 from ..version import __version__
 
 FORMAT_NAME = "pconv"
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 #: Versions this pconv reads: version 1 is version 2 without refitted layers; version 2 is version 3
 #: with one neuron per channel everywhere (encoding_levels 0); version 3 is version 4 with no hidden site
 #: population-coded; version 4 is version 5 with the encoding sites' population size at every populated site;
-#: version 5 is version 6 with no encoding site in "populated".
-READABLE_VERSIONS = ("1", "2", "3", "4", "5", "6")
+#: version 5 is version 6 with no encoding site in "populated"; version 6 is version 7 without overflow neurons.
+READABLE_VERSIONS = ("1", "2", "3", "4", "5", "6", "7")
 REFIT_PREFIX = "refit."
 ANN_PREFIX = "ann."
 KINDS = ("snn", "calibration")
@@ -135,6 +137,8 @@ class FileMetadata:
     provenance: dict[str, Any] = field(default_factory=dict)
     encoding_levels: int = 0
     populated: dict[int, dict[str, int]] = field(default_factory=dict)
+    #: the sites with an overflow neuron per channel (at every T)
+    overflow: tuple[str, ...] = ()
     neuron: str | None = None
     num_classes: int | None = None
     config: CalibrationConfig | None = None
@@ -157,6 +161,7 @@ class FileMetadata:
             "data_config": json.dumps(self.data_config, sort_keys=True),
             "provenance": json.dumps(self.provenance, sort_keys=True),
             "encoding_levels": str(self.encoding_levels),
+            "overflow": json.dumps(list(self.overflow)),
         }
         if self.kind == "snn":
             (T,) = self.time_steps
@@ -181,6 +186,11 @@ class FileMetadata:
         sites = read.sites("sites")
         provenance = read.json_object("provenance")
         encoding_levels = read.count("encoding_levels", 0, MAX_STEPS, default=0)
+        overflow = read.overflow("overflow", sites)
+        config = read.config("config", provenance)
+        if config is not None and list(overflow) != config.overflow(list(sites)):
+            raise read.fail("overflow", f"names other sites than its config's overflow_sites "
+                                        f"({config.overflow_sites}) gives")
         return cls(
             kind=kind, time_steps=steps, sites=sites,
             threshold=read.name("threshold"), method=read.name("calibration"),
@@ -189,9 +199,10 @@ class FileMetadata:
             encoding_levels=encoding_levels,
             populated=read.populated("populated", kind, steps, sites, encoding_levels,
                                      int(meta["pconv.format_version"])),
+            overflow=overflow,
             neuron=read.name("neuron") if kind == "snn" else None,
             num_classes=read.count("num_classes", 1, 10**7, default=None),
-            config=read.config("config", provenance),
+            config=config,
             format_version=int(meta["pconv.format_version"]),
             pconv_version=read.name("pconv.version", default="?"),
             created=meta.get("created", ""),
@@ -305,6 +316,14 @@ class _Reader:
         if not isinstance(value, dict):
             raise self.fail(key, "is not a JSON object")
         return value
+
+    def overflow(self, key: str, sites: tuple[Site, ...]) -> tuple[str, ...]:
+        value = self.json(key, [])  # absent before format version 7: no overflow neuron
+        names = [s.name for s in sites]
+        if not isinstance(value, list) or not all(isinstance(n, str) and n in names for n in value) \
+                or len(set(value)) != len(value):
+            raise self.fail(key, "is not a list of distinct sites of the file")
+        return tuple(sorted(value, key=names.index))
 
     def populated(self, key: str, kind: str, steps: tuple[int, ...], sites: tuple[Site, ...],
                   encoding_levels: int, version: int) -> dict[int, dict[str, int]]:

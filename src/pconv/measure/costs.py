@@ -129,7 +129,8 @@ class _OperationTally:
     def hooks(self) -> Iterator[None]:
         handles = [m.register_forward_pre_hook(lambda m, i, n=name: self._on_layer(m, i[0], n))
                    for name, m in self.modules.items()]
-        populations = [n for n in self.snn.neurons().values() if n.population > 1]
+        # a population, or a neuron with an overflow neuron (whose spikes carry the population's amplitude)
+        populations = [n for n in self.snn.neurons().values() if n.neurons_per_channel > 1]
         handles += [n.register_forward_hook(self._on_population) for n in populations]
         if populations:
             handles += [m.register_forward_hook(self._passes_population) for m in self.snn.net.modules()
@@ -141,7 +142,8 @@ class _OperationTally:
                 handle.remove()
 
     def _on_population(self, neuron: nn.Module, inputs: tuple, output: Tensor) -> None:
-        self.population_outputs[id(output)] = (output, neuron.theta_out / neuron.population, neuron.population)
+        self.population_outputs[id(output)] = (output, neuron.theta_out / neuron.population,
+                                               neuron.neurons_per_channel)
 
     def _passes_population(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
         # max pooling, zero padding, dropout and identity keep every value a whole number of spikes

@@ -37,15 +37,20 @@ MIN_ELEMENTS = 1 << 19
 _enabled = os.environ.get("PCONV_CPU_KERNEL", "1") != "0"
 
 
-def _count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, levels: int, in_place: bool) -> Tensor:
-    """The count engine's eager formula itself (functional.counted, times the amplitude): compiled as it is."""
+def _count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, levels: int, in_place: bool,
+           limit: Tensor | None = None) -> Tensor:
+    """The count engine's eager formula itself (functional.counted with its per-channel `limit`, times the
+    amplitude): compiled as it is."""
     k = counted(x, scale, offset, levels, inplace=in_place)
+    if limit is not None:  # not counted's own out= form: the compiled loop is the same, without a second buffer
+        k = torch.minimum(k, per_channel(limit, k))
     return k if amplitude is None else k.mul_(per_channel(amplitude, k))
 
 
-# One entry point per (in place, with the amplitude), each its own `def`: torch.compile keeps its compilations per
-# code object (a closure made by a factory would share one), at most torch._dynamo.config.recompile_limit (8) of
-# them, and the variants each of these meets (layouts, ranks, grad modes) then stay well within that limit.
+# One entry point per (in place, with the amplitude, with a limit), each its own `def`: torch.compile keeps its
+# compilations per code object (a closure made by a factory would share one), at most
+# torch._dynamo.config.recompile_limit (8) of them, and the variants each of these meets (layouts, ranks, grad
+# modes) then stay well within that limit. A limit: the overflow neurons of a ReLU6 site (functional.overflow_top).
 def _out_of_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, levels: int) -> Tensor:
     return _count(x, scale, offset, amplitude, levels, False)
 
@@ -62,16 +67,38 @@ def _counts_in_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: None, 
     return _count(x, scale, offset, None, levels, True)
 
 
-_ENTRY_POINTS = {(False, True): _out_of_place, (True, True): _in_place,
-                 (False, False): _counts_out_of_place, (True, False): _counts_in_place}
+def _limited_out_of_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, levels: int,
+                          limit: Tensor) -> Tensor:
+    return _count(x, scale, offset, amplitude, levels, False, limit)
+
+
+def _limited_in_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, levels: int,
+                      limit: Tensor) -> Tensor:
+    return _count(x, scale, offset, amplitude, levels, True, limit)
+
+
+def _limited_counts_out_of_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: None, levels: int,
+                                 limit: Tensor) -> Tensor:
+    return _count(x, scale, offset, None, levels, False, limit)
+
+
+def _limited_counts_in_place(x: Tensor, scale: Tensor, offset: Tensor, amplitude: None, levels: int,
+                             limit: Tensor) -> Tensor:
+    return _count(x, scale, offset, None, levels, True, limit)
+
+
+_ENTRY_POINTS = {(False, True, False): _out_of_place, (True, True, False): _in_place,
+                 (False, False, False): _counts_out_of_place, (True, False, False): _counts_in_place,
+                 (False, True, True): _limited_out_of_place, (True, True, True): _limited_in_place,
+                 (False, False, True): _limited_counts_out_of_place, (True, False, True): _limited_counts_in_place}
 
 
 @functools.cache
-def _compiled(in_place: bool, with_amplitude: bool):
+def _compiled(in_place: bool, with_amplitude: bool, with_limit: bool = False):
     # compile_threads=1: one small kernel does not pay for a pool of compiler processes; no contracted
     # multiply-add whatever the environment says (TORCHINDUCTOR_CPP_ENABLE_FLOATING_POINT_CONTRACT_FLAG)
     options = {"compile_threads": 1, "cpp.enable_floating_point_contract_flag": "off"}
-    return torch.compile(_ENTRY_POINTS[in_place, with_amplitude], dynamic=True, options=options)
+    return torch.compile(_ENTRY_POINTS[in_place, with_amplitude, with_limit], dynamic=True, options=options)
 
 
 def enabled() -> bool:
@@ -79,20 +106,23 @@ def enabled() -> bool:
 
 
 def cpu_count(x: Tensor, scale: Tensor, offset: Tensor, amplitude: Tensor | None, levels: int,
-              in_place: bool = False) -> Tensor | None:
+              in_place: bool = False, limit: Tensor | None = None) -> Tensor | None:
     """amplitude * clamp(floor(x * scale + offset), 0, levels) with per-channel [C] factors (channels on dim 1),
-    in one loop, in x's memory if `in_place` (amplitude None: the counts alone, for a count hook); None where it
-    does not apply (not a float32 CPU map of MIN_ELEMENTS values or more, under torch.compile, autograd, or turned
-    off): the caller runs torch's passes."""
+    and at most `limit` ([C], if given) before the amplitude, in one loop, in x's memory if `in_place` (amplitude
+    None: the counts alone, for a count hook); None where it does not apply (not a float32 CPU map of MIN_ELEMENTS
+    values or more, under torch.compile, autograd, or turned off): the caller runs torch's passes."""
     global _enabled
     if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() < MIN_ELEMENTS:
         return None
-    factors = (scale, offset) if amplitude is None else (scale, offset, amplitude)
+    factors = tuple(p for p in (scale, offset, amplitude, limit) if p is not None)
     if torch.compiler.is_compiling() or x.requires_grad or any(p.dtype != x.dtype for p in factors):
         return None  # (torch.compile fuses the passes itself)
     try:
         with _quiet_builder():
-            return _compiled(in_place, amplitude is not None)(x, scale, offset, amplitude, levels)
+            compiled = _compiled(in_place, amplitude is not None, limit is not None)
+            if limit is None:
+                return compiled(x, scale, offset, amplitude, levels)
+            return compiled(x, scale, offset, amplitude, levels, limit)
     except Exception:  # compiling failed (no compiler, or one inductor cannot use): torch's passes from now on
         _enabled = False
         return None

@@ -53,12 +53,41 @@ def count_factors(theta_in: Tensor, bias: Tensor, time_steps: int) -> tuple[Tens
 
 
 def counted(x_mean: Tensor, scale: Tensor, offset: Tensor, levels: int, channel_dim: int = 1,
-            inplace: bool = False) -> Tensor:
+            inplace: bool = False, limit: Tensor | None = None) -> Tensor:
     """clamp(floor(mean(x) * scale + offset), 0, levels) per channel: spike_count with its factors given.
-    `inplace`: computed in x_mean's memory (the same operations, so the same values)."""
+    `inplace`: computed in x_mean's memory (the same operations, so the same values). `limit` ([C], or None):
+    a lower top per channel (an overflow neuron on a ReLU6 site, see overflow_top)."""
     scale, offset = per_channel(scale, x_mean, channel_dim), per_channel(offset, x_mean, channel_dim)
     scaled = x_mean.mul_(scale) if inplace else x_mean * scale
-    return scaled.add_(offset).floor_().clamp_(0, levels)
+    k = scaled.add_(offset).floor_().clamp_(0, levels)
+    return k if limit is None else limit_counts(k, limit, channel_dim)
+
+
+def limit_counts(k: Tensor, limit: Tensor, channel_dim: int = 1) -> Tensor:
+    """min(k, limit) per channel, in k's memory (counts and limits are whole numbers: exact in any order)."""
+    return torch.minimum(k, per_channel(limit, k, channel_dim), out=k)
+
+
+def overflow_levels(theta_out: Tensor, resolution: int, time_steps: int, cap: float | None) -> Tensor:
+    """[C]: the levels an overflow neuron adds above a site's top level L = m*T, each of the site's own step
+    theta_out/L: T, or on a ReLU6 site as many as fit below the cap (the ANN's activation never exceeds it), 0
+    where none does."""
+    full = torch.full_like(theta_out, float(time_steps))
+    if cap is None:
+        return full
+    room = ((cap - theta_out) * resolution / theta_out.clamp_min(torch.finfo(theta_out.dtype).tiny)).floor()
+    return torch.where(theta_out > 0, room.clamp(0, time_steps), torch.zeros_like(full))
+
+
+def overflow_top(extra: Tensor | None, resolution: int, time_steps: int) -> tuple[int, Tensor | None]:
+    """(levels, limit) of `counted` for a site with L = `resolution` levels and, unless `extra` is None, an
+    overflow neuron adding `extra` ([C], overflow_levels) levels: the count is clamp(floor(.), 0, L + T),
+    then at most L + extra per channel where that is lower (limit None where it never is)."""
+    if extra is None:
+        return resolution, None
+    if bool((extra >= time_steps).all()):
+        return resolution + time_steps, None
+    return resolution + time_steps, extra + resolution
 
 
 def population_biases(theta_in: Tensor, bias: Tensor, population: int) -> list[Tensor]:
@@ -110,15 +139,32 @@ def count_output(k: Tensor, theta_out: Tensor, time_steps: int, channel_dim: int
 
 
 def qcfs(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, levels: int, channel_dim: int = 1,
-         population: int = 1) -> Tensor:
+         population: int = 1, overflow: bool = False, cap: float | None = None) -> Tensor:
     """DA-QCFS: (theta+delta_out)/L * clamp(floor(L*(x+delta_in)/theta + phi), 0, L), per channel.
 
     With a population of m neurons per channel it is computed as their summed counts, which equals the
-    formula with m*L levels (population_count)."""
+    formula with m*L levels (population_count). With `overflow`, the site's overflow neuron adds up to T levels
+    of the same step above the top one (overflow_levels, which reads the site's `cap`): the clamp's top is
+    m*L + T, or lower per channel on a ReLU6 site (docs/math.md)."""
     theta_in, bias, theta_out = neuron_params(theta, delta_in, delta_out, levels, population)
     scale, offset, amplitude = count_engine_factors(theta_in, bias, theta_out, levels, population)
-    k = counted(x, scale, offset, levels * population, channel_dim)
+    resolution = levels * population
+    extra = overflow_levels(theta_out, resolution, levels, cap) if overflow else None
+    top, limit = overflow_top(extra, resolution, levels)
+    k = counted(x, scale, offset, top, channel_dim, limit=limit)
     return k.mul_(per_channel(amplitude, k, channel_dim))
+
+
+def overflow_count(x_mean: Tensor, theta_in: Tensor, bias: Tensor, extra: Tensor, time_steps: int,
+                   population: int, channel_dim: int = 1) -> Tensor:
+    """The spike count of a site's overflow neuron: one more neuron per channel after the population's m, with
+    threshold theta_in/m and bias b - T*theta_in, so that it counts the levels of m*u above the top one,
+    clamp(floor(m*u) - m*T, 0, T) (u as in population_count), and at most `extra` per channel. Its spikes carry
+    the amplitude of the population's (theta_out/m): the site's total is the count form's clamp(floor(m*u), 0,
+    m*T + extra) up to rounding. Its large negative bias is why only the parallel neuron has one: a serial
+    neuron would spend its first steps climbing to threshold and could not fire at every later one."""
+    k = spike_count(x_mean, theta_in / population, bias - time_steps * theta_in, time_steps, channel_dim)
+    return limit_counts(k, extra, channel_dim)
 
 
 def qcfs_straight_through(x: Tensor, theta: Tensor, delta_in: Tensor, delta_out: Tensor, levels: int,

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..models.source import ModelSource
 from ..observe.sites import ACTIVATIONS, Site, site_modules, swap_sites, unswap_sites
+from . import functional as PF
 from .neurons import NEURONS, Engine, SpikingNeuron, as_engine
 from .population import populations
 
@@ -36,6 +37,8 @@ class ConversionInfo:
     #: the sites whose neurons per channel the calibration chose by sensitivity under its budget (hidden sites
     #: with more than one, encoding sites with any); an encoding site not in it has ceil(encoding_levels/T)
     populated: dict[str, int] = field(default_factory=dict)
+    #: the sites with an overflow neuron per channel (functional.overflow_count), in network order
+    overflow: list[str] = field(default_factory=list)
     #: outputs of the classifier (None: not recorded, files before it was)
     num_classes: int | None = None
     #: the calibration's configuration as JSON (calibration.CalibrationConfig.to_dict), when it is known
@@ -56,6 +59,7 @@ def spiking_network(net: nn.Module, info: ConversionInfo, params: Mapping[str, N
     Refuses a network that lacks one of `info.sites` (or has another activation there)."""
     cls = NEURONS.get(info.neuron)
     populations = info.populations()
+    overflow = set(info.overflow)
     device = next(net.parameters()).device
 
     def make(module: nn.Module, site: Site) -> SpikingNeuron:
@@ -64,7 +68,9 @@ def spiking_network(net: nn.Module, info: ConversionInfo, params: Mapping[str, N
                               f"{type(module).__name__} in the model", "use the calibration or file made for this model")
         theta_in, bias, theta_out = (t.to(device) for t in params[site.name])
         inplace = bool(getattr(module, "inplace", False))  # the model's own choice for this activation
-        return cls(theta_in, bias, theta_out, info.time_steps, populations[site.name], inplace=inplace)
+        m, T = populations[site.name], info.time_steps
+        extra = PF.overflow_levels(theta_out, m * T, T, site.cap) if site.name in overflow else None
+        return cls(theta_in, bias, theta_out, T, m, inplace=inplace, overflow=extra)
 
     try:
         swap_sites(net, info.sites, make)
@@ -165,7 +171,8 @@ class SpikingNetwork(nn.Module):
         net = copy.deepcopy(self.net)
 
         def rebuild(old: SpikingNeuron, site: Site) -> SpikingNeuron:
-            return cls(old.theta_in, old.bias, old.theta_out, old.time_steps, old.population, inplace=old.inplace)
+            return cls(old.theta_in, old.bias, old.theta_out, old.time_steps, old.population, inplace=old.inplace,
+                       overflow=old.overflow)
 
         swap_sites(net, self.info.sites, rebuild)
         info = copy.copy(self.info)
