@@ -12,7 +12,8 @@ A conv/linear layer's cost depends on what reaches it:
   input (`accumulated`): a multiply per position that is nonzero at any step.
 
 Neurons cost too: a serial integrate-and-fire neuron adds its input every step (T ACs); the parallel neuron
-turns the time-summed input into a spike count once (one MAC). A population of m neurons per channel counts m.
+turns the time-summed input into a spike count once (one MAC). A population of m neurons per channel counts m,
+an overflow neuron (nn.functional.overflow_count) one more.
 
 Two schedules follow: `per_step` (the classic SNN: per-step multiplies for graded inputs, serial neurons) and
 `accumulated` (what pconv's parallel SNN needs: graded inputs multiplied once, parallel neurons), the headline.

@@ -7,7 +7,7 @@ Definitions (see docs/usage.md):
 
 - firing rate of a site: mean number of spikes per neuron per time step, over every evaluated image
   (spike counts k come from the neurons' `count_hook`, so the count engine measures it at no extra cost);
-  a population of m neurons per channel counts as m neurons;
+  a population of m neurons per channel counts as m neurons, an overflow neuron as one more;
 - synaptic operations and MACs: measure/costs.py.
 """
 
