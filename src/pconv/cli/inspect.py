@@ -129,8 +129,9 @@ def render(console, doc: dict[str, Any]) -> None:
     table.add_column("channels", justify="right")
     steps = [doc["time_steps"]] if doc["kind"] == "snn" else doc["time_steps"]
     per_t = "" if doc["kind"] == "snn" else f" (T={'/'.join(map(str, steps))})"
-    table.add_column(f"neurons/channel{per_t}" + (" (+1: overflow)" if doc.get("overflow") else ""),
-                     justify="right")
+    table.add_column(f"neurons/channel{per_t}", justify="right")
+    if doc.get("overflow"):  # one more neuron per channel at these sites, at every T
+        table.add_column("overflow", justify="center")
     # Thresholds at one T (for a calibration: the smallest; they differ across T only for T-aware methods).
     t0 = steps[0]
     with_theta = bool(doc["sites"]) and "theta" in doc["sites"][0]
@@ -141,8 +142,9 @@ def render(console, doc: dict[str, Any]) -> None:
     for i, s in enumerate(doc["sites"]):
         cells = [str(i), s["name"], s["activation"] + (f" (cap {s['cap']:g})" if s.get("cap") else ""),
                  str(s["channels"]),
-                 (str(s["population"]) if doc["kind"] == "snn" else "/".join(str(s["population"][str(t)]) for t in steps))
-                 + ("+1" if s.get("overflow") else "")]
+                 str(s["population"]) if doc["kind"] == "snn" else "/".join(str(s["population"][str(t)]) for t in steps)]
+        if doc.get("overflow"):
+            cells.append("+1" if s["overflow"] else "")
         if with_theta:
             th = s["theta"] if doc["kind"] == "snn" else s["theta"][str(t0)]
             cells += [f"{th['mean']:.4g}", f"{th['max']:.4g}"]
