@@ -242,6 +242,10 @@ def test_inspect_snn_and_calibration(snn_file, calib_file):
     assert doc["kind"] == "calibration" and doc["time_steps"] == [2, 4] and set(doc["sites"][0]["theta"]) == {"2", "4"}
     text = run("inspect", snn_file).stdout
     assert "relu1" in text and "weights_sha256" in text and "θ mean" in text
+    # the default's overflow neuron at the last quarter of the two sites: in the JSON, the file and the table
+    assert doc["overflow"] == ["act2"] and [s["overflow"] for s in doc["sites"]] == [False, True]
+    assert [n.overflow is not None for n in snn.neurons().values()] == [False, True]
+    assert "overflow" in text and "+1" in text
 
 
 def test_input_overrides_for_a_model_without_data_config(folders, tmp_path):
