@@ -204,7 +204,7 @@ def search_histogram(histogram: SiteHistogram, theta: Tensor, levels: int, budge
     grid THRESHOLD_FRACTIONS x SHIFT_STEPS, then a finer grid around each channel's best (REFINE_FRACTIONS x
     REFINE_SHIFTS, which includes the first-stage choice). `budget` bounds the breakpoint lookups (they take
     as many candidates at a time as it holds; the result does not depend on it). With `overflow`, the candidates
-    count its levels too (the histogram must then span (0, 2*theta): overflow_histogram)."""
+    count its levels too (the histogram must then span (0, 2*theta): site_histogram)."""
     lookup = LOOKUP_ELEMENTS if budget is None else max(1, min(LOOKUP_ELEMENTS, budget // LOOKUP_BYTES))
     base = theta.detach().double().to(histogram.count.device)
     grid = [(f, s) for f in THRESHOLD_FRACTIONS for s in SHIFT_STEPS]
