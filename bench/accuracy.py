@@ -210,6 +210,20 @@ class StageLog:
         return tick
 
 
+def method_options(method: str, recon_steps: int = DEFAULT_RECON_STEPS,
+                   recon_drop: float = DEFAULT_RECON_DROP) -> dict:
+    """pconv.calibrate's choices for THRESHOLD/CALIBRATION[/ENCODING_LEVELS[/POPULATION_BUDGET[/OVERFLOW_SITES]]]
+    (the parts left out: pconv's defaults; the recon options only for `recon`)."""
+    threshold, calibration, *levels = method.split("/")
+    choices = {"threshold": threshold, "method": calibration,
+               "encoding_levels": int(levels[0]) if levels else DEFAULT_ENCODING_LEVELS,
+               "population_budget": float(levels[1]) if len(levels) > 1 else DEFAULT_POPULATION_BUDGET,
+               "overflow_sites": float(levels[2]) if len(levels) > 2 else None}  # None: pconv's default
+    if calibration == "recon":
+        choices.update(recon_steps=recon_steps, recon_drop=recon_drop)
+    return choices
+
+
 def _label(method: str) -> str:
     return method + (" (paper)" if method == PAPER else "")
 
@@ -318,16 +332,11 @@ def main() -> None:
             ann_logits, labels = predictions(model, test)
             ann = 100.0 * (ann_logits.argmax(dim=1) == labels).float().mean().item()
             for method in args.methods.split(","):
-                threshold, calibration, *levels = method.split("/")
-                encoding = int(levels[0]) if levels else DEFAULT_ENCODING_LEVELS
-                budget = float(levels[1]) if len(levels) > 1 else DEFAULT_POPULATION_BUDGET
-                overflow = float(levels[2]) if len(levels) > 2 else None  # None: pconv's default
+                choices = method_options(method, args.recon_steps, args.recon_drop)
+                options = {k: choices[k] for k in ("recon_steps", "recon_drop") if k in choices}
                 started = time.perf_counter()
-                options = {"recon_steps": args.recon_steps, "recon_drop": args.recon_drop} \
-                    if calibration == "recon" else {}
-                cal = pconv.calibrate(model, calib, time_steps=steps, threshold=threshold, method=calibration,
-                                      encoding_levels=encoding, population_budget=budget,
-                                      overflow_sites=overflow, progress=StageLog(f"{model_name} {method}"), **options)
+                cal = pconv.calibrate(model, calib, time_steps=steps, progress=StageLog(f"{model_name} {method}"),
+                                      **choices)
                 seconds = time.perf_counter() - started
                 snns = [pconv.convert(model, cal, time_steps=T) for T in steps]
                 scores = [compare(ann_logits, predictions(snn, test)[0], labels) for snn in snns]

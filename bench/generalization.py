@@ -9,7 +9,7 @@ drawn from. `--images` chooses what the calibration sees: `calibration` (the mod
 bench/accuracy.py uses), `mirrored` (those and their left-right mirror images, twice as many activations
 with no new image), or `all` (the calibration and the evaluation images together: a diagnosis of how much of
 the gap more images of the same kind would close, never a result to report as accuracy). Models and
-methods as in bench/accuracy.py (THRESHOLD/CALIBRATION[/ENCODING_LEVELS[/POPULATION_BUDGET]]).
+methods as in bench/accuracy.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy as bench  # noqa: E402
 
 import pconv  # noqa: E402
-from pconv.config import DEFAULT_ENCODING_LEVELS, DEFAULT_POPULATION_BUDGET  # noqa: E402
 
 
 def outputs(net: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
@@ -59,11 +58,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for method in args.methods.split(","):
-        threshold, calibration, *levels = method.split("/")
         started = time.perf_counter()
-        cal = pconv.calibrate(model, seen, time_steps=[T], threshold=threshold, method=calibration,
-                              encoding_levels=int(levels[0]) if levels else DEFAULT_ENCODING_LEVELS,
-                              population_budget=float(levels[1]) if len(levels) > 1 else DEFAULT_POPULATION_BUDGET)
+        cal = pconv.calibrate(model, seen, time_steps=[T], **bench.method_options(method))
         seconds = time.perf_counter() - started
         snn = pconv.convert(model, cal, time_steps=T)
         inside, outside = (bench.label_free(ann_calib, outputs(snn, calib)),
