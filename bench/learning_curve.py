@@ -25,13 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy as bench  # noqa: E402
+from generalization import outputs  # noqa: E402
 
 import pconv  # noqa: E402
-
-
-def outputs(net: torch.nn.Module, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([net(x).float() for x in images.split(batch)])
 
 
 def main() -> None:
@@ -57,7 +53,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     split = len(test_images) - args.held_out
     pool = torch.cat([calib_images, test_images[:split]])
     evaluation, evaluation_labels = test_images[split:], labels[split:]
-    ann = outputs(model, evaluation)
+    held_out = list(evaluation.split(16))
+    ann = outputs(model, held_out)
     T = args.time_steps
     options = bench.method_options(args.method)
     print("| model | method | T | calibration images | KL(ANN‖SNN), held-out | agreement (%) | SNN − ANN "
@@ -71,7 +68,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
         cal = pconv.calibrate(model, list(pool[:size].split(16)), time_steps=[T], **options)
         seconds = time.perf_counter() - started
         snn = pconv.convert(model, cal, time_steps=T)
-        result = bench.compare(ann, outputs(snn, evaluation), evaluation_labels)
+        result = bench.compare(ann, outputs(snn, held_out), evaluation_labels)
         rows.append({"model": args.model, "method": args.method, "time_steps": T, "calibration_images": size,
                      "held_out_images": len(evaluation), "kl": round(result["kl"], 5),
                      "agreement": round(result["agreement"], 2), "snn_minus_ann": round(result["diff"].points, 2),
