@@ -52,6 +52,12 @@ def run(args: argparse.Namespace, root: Path) -> None:
         raise SystemExit(f"Error: --held-out must be between 1 and {len(test_images) - 1}")
     split = len(test_images) - args.held_out
     pool = torch.cat([calib_images, test_images[:split]])
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        raise SystemExit(f"Error: --sizes takes whole numbers separated by commas, e.g. 125,250 (got {args.sizes})")
+    if not all(0 < size <= len(pool) for size in sizes):
+        raise SystemExit(f"Error: every size must be between 1 and {len(pool)} (got {args.sizes})")
     evaluation, evaluation_labels = test_images[split:], labels[split:]
     held_out = list(evaluation.split(16))
     ann = outputs(model, held_out)
@@ -61,9 +67,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
           "| calibration s |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        if not 0 < size <= len(pool):
-            raise SystemExit(f"Error: a size must be between 1 and {len(pool)} (got {size})")
+    for size in sizes:
         started = time.perf_counter()
         cal = pconv.calibrate(model, list(pool[:size].split(16)), time_steps=[T], **options)
         seconds = time.perf_counter() - started
